@@ -1,0 +1,41 @@
+# One entry point. Every target builds the local virtual environment on a fresh machine.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU build of torch; override e.g. TORCH_SPEC='torch==2.13.0' --index-url ... for a CUDA host.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: venv demo test lint bench bench-ingest bench-train bench-serve clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev,bench]"
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	$(PY) -m ctr_ad.cli pipeline run pipelines/demo.yaml
+
+test: venv
+	$(VENV)/bin/ruff check .
+	$(PY) -m pytest -q tests
+
+lint: venv
+	$(VENV)/bin/ruff check .
+
+bench: bench-ingest bench-train bench-serve
+
+bench-ingest: venv
+	$(PY) benchmarks/bench_ingest.py
+
+bench-train: venv
+	$(PY) benchmarks/bench_train.py
+
+bench-serve: venv
+	$(PY) benchmarks/bench_serve.py
+
+clean:
+	rm -rf $(VENV) runs out benchmarks/work

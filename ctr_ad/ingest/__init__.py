@@ -1,0 +1,1 @@
+"""Raw click logs -> validated frames -> Parquet splits."""

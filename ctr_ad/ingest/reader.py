@@ -1,0 +1,301 @@
+"""Streaming reader of raw click logs with per-line validation and a quarantine.
+
+A file is read in blocks of whole lines (plain or gzip, detected by magic bytes, not by name), each
+block is parsed with vectorized polars string kernels, and every line ends up either in the block's
+validated frame or in its quarantine list with the file, the 1-based line number, the reason and the
+raw text. Memory is bounded by the block size, whatever the file size.
+
+Validated frames hold ``_line`` (line number), the label as Float32 when the file has labels, dense
+fields as Float64 (null = missing) and categorical fields as Utf8 (null = missing).
+"""
+
+from __future__ import annotations
+
+import gzip
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import polars as pl
+
+from ctr_ad.errors import UserError
+from ctr_ad.schema import SourceSpec, get_source
+
+DEFAULT_BLOCK_BYTES = 32 * 1024 * 1024
+RAW_PREVIEW_CHARS = 2000
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each field sits in the lines of one file (resolved from the spec and the header)."""
+
+    path: str
+    separator: str
+    names: tuple[str, ...]  # column name of each field position
+    label: str | None
+    dense: tuple[str, ...]
+    categorical: tuple[str, ...]
+    min_fields: int
+    integer_dense: bool
+    float_ints: bool
+    first_data_line: int  # 1-based line number of the first data line
+
+    @property
+    def max_fields(self) -> int:
+        return len(self.names)
+
+
+@dataclass
+class RawBlock:
+    """One block of lines: the validated rows and the quarantined ones."""
+
+    frame: pl.DataFrame
+    quarantine: list[dict] = field(default_factory=list)
+    lines_read: int = 0
+
+
+def open_binary(path: Path):
+    """Open ``path`` for reading bytes, transparently gunzipping it."""
+    with open(path, "rb") as probe:
+        magic = probe.read(2)
+    return gzip.open(path, "rb") if magic == GZIP_MAGIC else open(path, "rb")
+
+
+def check_input_file(path: Path) -> None:
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserError(f"{path}: is a directory; pass the log files inside it")
+    if path.stat().st_size == 0:
+        raise UserError(f"{path}: file is empty")
+
+
+def _split_header(line: bytes, sep: str, path: Path) -> list[str]:
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{path}: line 1: the header is not valid UTF-8") from None
+    return [c.strip().strip('"') for c in text.rstrip("\r\n").split(sep)]
+
+
+def resolve_layout(path: Path, spec: SourceSpec, first_line: bytes, labeled: bool | None) -> Layout:
+    """Work out the field positions of ``path`` from ``spec`` and, if any, its header line."""
+    sep = spec.separator
+    header: list[str] | None = None
+    if spec.header == "required":
+        header = _split_header(first_line, sep, path)
+        if len(header) == 1:
+            raise UserError(
+                f"{path}: line 1: no {sep!r} separator in the header; is this a {spec.name} file?"
+            )
+    elif spec.header == "optional":
+        candidate = _split_header(first_line, sep, path)
+        if candidate and candidate[0].lower() == spec.columns[0].lower():
+            header = candidate
+    elif sep.encode() not in first_line:
+        raise UserError(
+            f"{path}: line 1: no {sep!r} separator found; is this a {spec.name} file? (see --source)"
+        )
+
+    if header is None:
+        names = list(spec.columns)
+        has_label = spec.label is not None
+        first_fields = first_line.count(sep.encode()) + 1
+        if labeled is False or (labeled is None and first_fields == len(names) - 1):
+            # Unlabeled logs (e.g. Criteo's test files) are the same layout without the label column.
+            names = [n for n in names if n != spec.label]
+            has_label = False
+        min_fields = spec.min_fields or len(names)
+        if not has_label:
+            min_fields = min(min_fields, len(names)) - (1 if spec.min_fields else 0)
+        dense = spec.dense
+        return Layout(
+            path=str(path), separator=sep, names=tuple(names), label=spec.label if has_label else None,
+            dense=dense, categorical=spec.categorical, min_fields=min_fields,
+            integer_dense=spec.integer_dense, float_ints=spec.float_ints, first_data_line=1,
+        )
+
+    canonical = {c.lower(): c for c in (*spec.columns, *spec.ignored)}
+    canonical.update(spec.aliases)
+    names = [canonical.get(h.lower(), h) for h in header]
+    dense = list(spec.dense)
+    if spec.dense_prefix:
+        dense += [n for n in names if n.startswith(spec.dense_prefix)]
+    needed = [*dense, *spec.categorical]
+    missing = [n for n in needed if n not in names]
+    if missing:
+        raise UserError(
+            f"{path}: line 1: header lacks column(s) {', '.join(missing)}; is this a {spec.name} file?"
+        )
+    has_label = spec.label in names and labeled is not False
+    if labeled and not has_label:
+        raise UserError(f"{path}: line 1: header has no label column {spec.label!r}")
+    return Layout(
+        path=str(path), separator=sep, names=tuple(names), label=spec.label if has_label else None,
+        dense=tuple(dense), categorical=spec.categorical, min_fields=len(names),
+        integer_dense=spec.integer_dense, float_ints=spec.float_ints, first_data_line=2,
+    )
+
+
+def iter_line_blocks(path: Path, block_bytes: int = DEFAULT_BLOCK_BYTES) -> Iterator[tuple[int, bytes]]:
+    """Yield ``(first_line_number, bytes)`` blocks that end on line boundaries (no trailing newline)."""
+    line_no = 1
+    carry = b""
+    with open_binary(path) as fh:
+        while True:
+            data = fh.read(block_bytes)
+            if not data:
+                break
+            data = carry + data
+            cut = data.rfind(b"\n")
+            if cut < 0:
+                carry = data
+                continue
+            block, carry = data[:cut], data[cut + 1 :]
+            yield line_no, block
+            line_no += block.count(b"\n") + 1
+    if carry:
+        yield line_no, carry
+
+
+def _decode_lines(block: bytes) -> tuple[list[str], list[int]]:
+    """Decode a block into lines; returns the lines and the indices of undecodable ones."""
+    try:
+        return block.decode("utf-8").split("\n"), []
+    except UnicodeDecodeError:
+        pass
+    lines: list[str] = []
+    bad: list[int] = []
+    for i, raw in enumerate(block.split(b"\n")):
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            lines.append(raw.decode("utf-8", "backslashreplace"))
+            bad.append(i)
+    return lines, bad
+
+
+def parse_block(layout: Layout, first_line: int, block: bytes) -> RawBlock:
+    """Validate and split one block of lines (vectorized); see the module docstring."""
+    lines, undecodable = _decode_lines(block)
+    n = len(lines)
+    sep = layout.separator
+    df = pl.DataFrame(
+        {
+            "_line": pl.int_range(first_line, first_line + n, dtype=pl.Int64, eager=True),
+            "_raw": pl.Series(lines, dtype=pl.Utf8).str.strip_chars_end("\r"),
+        }
+    )
+    if undecodable:
+        df = df.with_columns(_bad_utf8=pl.int_range(0, n, eager=True).is_in(undecodable))
+    else:
+        df = df.with_columns(_bad_utf8=pl.lit(False))
+    if first_line == 1 and layout.first_data_line == 2:
+        df = df.slice(1)  # the header line
+    df = df.with_columns(_nf=pl.col("_raw").str.count_matches(sep, literal=True) + 1)
+    names = layout.names
+    fields = (
+        pl.col("_raw")
+        .str.split_exact(sep, len(names) - 1)
+        .struct.rename_fields(list(names))
+        .alias("_fields")
+    )
+    df = df.with_columns(fields).unnest("_fields")
+
+    checks: list[pl.Expr] = [
+        pl.when(pl.col("_bad_utf8")).then(pl.lit("undecodable bytes (not UTF-8)")),
+        pl.when(pl.col("_raw") == "").then(pl.lit("empty line")),
+        pl.when((pl.col("_nf") < layout.min_fields) | (pl.col("_nf") > layout.max_fields)).then(
+            pl.format(
+                "expected {} fields, found {}",
+                pl.lit(
+                    str(layout.max_fields)
+                    if layout.min_fields == layout.max_fields
+                    else f"{layout.min_fields}..{layout.max_fields}"
+                ),
+                pl.col("_nf"),
+            )
+        ),
+    ]
+    out_cols: list[pl.Expr] = [pl.col("_line")]
+    if layout.label:
+        lab = pl.col(layout.label).str.strip_chars()
+        checks.append(
+            pl.when(~lab.is_in(["0", "1"])).then(
+                pl.format("label {}: {} is not 0 or 1", pl.lit(layout.label), lab.fill_null("<missing>"))
+            )
+        )
+        out_cols.append(lab.cast(pl.Float32, strict=False).alias("label"))
+    for name in layout.dense:
+        raw = pl.col(name).str.strip_chars()
+        present = raw.is_not_null() & (raw != "")
+        if layout.integer_dense and not layout.float_ints:
+            value = raw.cast(pl.Int64, strict=False).cast(pl.Float64)
+            bad = present & value.is_null()
+            what = "is not an integer"
+        else:
+            value = raw.cast(pl.Float64, strict=False)
+            bad = present & (value.is_null() | ~value.is_finite())
+            what = "is not a finite number"
+            if layout.integer_dense:
+                bad = bad | (present & value.is_finite() & (value != value.floor()))
+                what = "is not an integer"
+        checks.append(pl.when(bad).then(pl.format("field {}: {} {}", pl.lit(name), raw, pl.lit(what))))
+        out_cols.append(pl.when(present).then(value).otherwise(None).cast(pl.Float64).alias(name))
+    for name in layout.categorical:
+        raw = pl.col(name)
+        out_cols.append(pl.when(raw != "").then(raw).otherwise(None).cast(pl.Utf8).alias(name))
+
+    df = df.with_columns(pl.coalesce(checks).alias("_reason"))
+    good = df.filter(pl.col("_reason").is_null()).select(out_cols)
+    bad_rows = df.filter(pl.col("_reason").is_not_null()).select("_line", "_reason", "_raw")
+    quarantine = [
+        {"file": layout.path, "line": line, "reason": reason, "raw": raw[:RAW_PREVIEW_CHARS]}
+        for line, reason, raw in bad_rows.iter_rows()
+    ]
+    return RawBlock(frame=good, quarantine=quarantine, lines_read=df.height)
+
+
+def _first_line(path: Path) -> bytes:
+    with open_binary(path) as fh:
+        try:
+            return fh.readline(1 << 20)
+        except (OSError, EOFError) as exc:
+            raise UserError(f"{path}: cannot read: {exc}") from None
+
+
+def open_source(path: Path, spec: SourceSpec, labeled: bool | None = None) -> Layout:
+    """Check ``path`` exists, is a non-empty file, and resolve its layout."""
+    check_input_file(path)
+    first = _first_line(path)
+    if not first.strip():
+        raise UserError(f"{path}: line 1 is empty; expected {spec.name} data")
+    return resolve_layout(path, spec, first, labeled)
+
+
+def iter_raw_blocks(
+    path: Path, spec: SourceSpec, labeled: bool | None = None, block_bytes: int = DEFAULT_BLOCK_BYTES
+) -> Iterator[RawBlock]:
+    layout = open_source(path, spec, labeled)
+    try:
+        for first_line, block in iter_line_blocks(path, block_bytes):
+            yield parse_block(layout, first_line, block)
+    except (OSError, EOFError, gzip.BadGzipFile) as exc:
+        raise UserError(f"{path}: cannot read: {exc}") from None
+
+
+def read_raw(
+    paths: list[Path], source: str, labeled: bool | None = None
+) -> tuple[pl.DataFrame, list[dict]]:
+    """Read whole files into one validated frame (for batch scoring); returns frame and quarantine."""
+    spec = get_source(source)
+    frames: list[pl.DataFrame] = []
+    quarantine: list[dict] = []
+    for path in paths:
+        for block in iter_raw_blocks(Path(path), spec, labeled):
+            frames.append(block.frame)
+            quarantine.extend(block.quarantine)
+    if not frames:
+        raise UserError(f"{', '.join(map(str, paths))}: no rows")
+    return pl.concat(frames, how="diagonal_relaxed"), quarantine

@@ -175,7 +175,7 @@ def run_ingest(
         raise UserError("--valid-frac and --test-frac must be in [0, 1) and sum to less than 1")
     if min_count < 1:
         raise UserError("--min-count must be at least 1")
-    layouts = [open_source(p, spec, labeled=True) for p in inputs]
+    layouts = [open_source(p, spec) for p in inputs]
     for lay in layouts:
         if lay.label is None:
             raise UserError(f"{lay.path}: no label column; ingest needs labeled logs "

@@ -79,6 +79,19 @@ def _split_header(line: bytes, sep: str, path: Path) -> list[str]:
     return [c.strip().strip('"') for c in text.rstrip("\r\n").split(sep)]
 
 
+def _looks_unlabeled(first_line: bytes, spec: SourceSpec) -> bool:
+    """A headerless line one field short whose first categorical sits where a dense value would.
+
+    Criteo's unlabeled test files have 39 fields; a labeled line with stripped trailing fields can
+    too, but there position 13 holds I13 (an integer or empty), not C1 (a non-empty hex id).
+    """
+    fields = first_line.rstrip(b"\r\n").split(spec.separator.encode())
+    if len(fields) != len(spec.columns) - 1 or not spec.dense:
+        return False
+    probe = fields[len(spec.dense)].strip()
+    return bool(probe) and not probe.lstrip(b"-").replace(b".", b"", 1).isdigit()
+
+
 def resolve_layout(path: Path, spec: SourceSpec, first_line: bytes, labeled: bool | None) -> Layout:
     """Work out the field positions of ``path`` from ``spec`` and, if any, its header line."""
     sep = spec.separator
@@ -101,8 +114,7 @@ def resolve_layout(path: Path, spec: SourceSpec, first_line: bytes, labeled: boo
     if header is None:
         names = list(spec.columns)
         has_label = spec.label is not None
-        first_fields = first_line.count(sep.encode()) + 1
-        if labeled is False or (labeled is None and first_fields == len(names) - 1):
+        if labeled is False or (labeled is None and _looks_unlabeled(first_line, spec)):
             # Unlabeled logs (e.g. Criteo's test files) are the same layout without the label column.
             names = [n for n in names if n != spec.label]
             has_label = False

@@ -56,7 +56,8 @@ class SpillBlock:
 # --------------------------------------------------------------------------------------- workers
 def _parse_and_spill(layout: Layout, first_line: int, block: bytes, spill_path: str) -> tuple[int, int, list]:
     parsed = parse_block(layout, first_line, block)
-    parsed.frame.write_parquet(spill_path, compression="lz4", statistics=False)
+    # Arrow IPC, uncompressed: the spill is read back twice, and IPC is the cheapest format to do so.
+    parsed.frame.write_ipc(spill_path, compression="uncompressed")
     return parsed.frame.height, parsed.lines_read, parsed.quarantine
 
 
@@ -82,7 +83,7 @@ def _split_codes(mode: str, seed: int, offset: int, n: int, file_index: int, bou
 
 def _count_train(block: SpillBlock, split_args: tuple, categorical: list[str], dense: list[str],
                  transform: str) -> tuple[dict, dict]:
-    frame = pl.read_parquet(block.path)
+    frame = pl.read_ipc(block.path, columns=[*categorical, *dense])
     codes = _split_codes(split_args[0], split_args[1], block.row_offset, block.rows, block.file_index,
                          split_args[2], split_args[3])
     train = frame.filter(pl.Series(codes == 0))
@@ -93,7 +94,7 @@ def _count_train(block: SpillBlock, split_args: tuple, categorical: list[str], d
 
 def _transform_block(block: SpillBlock, split_args: tuple, fp_dict: dict) -> list[pl.DataFrame]:
     fp = FeatureProcessor.from_dict(fp_dict)
-    frame = pl.read_parquet(block.path)
+    frame = pl.read_ipc(block.path)
     codes = pl.Series(_split_codes(split_args[0], split_args[1], block.row_offset, block.rows,
                                    block.file_index, split_args[2], split_args[3]))
     model = fp.transform(frame)
@@ -207,7 +208,7 @@ def run_ingest(
             nonlocal n_spill
             for fi, (path, lay) in enumerate(zip(inputs, layouts, strict=True)):
                 for first_line, block in iter_line_blocks(path, block_bytes):
-                    spill = str(tmp / f"spill-{n_spill:06d}.parquet")
+                    spill = str(tmp / f"spill-{n_spill:06d}.arrow")
                     n_spill += 1
                     yield fi, (lay, first_line, block, spill)
 

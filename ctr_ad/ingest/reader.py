@@ -188,85 +188,135 @@ def _decode_lines(block: bytes) -> tuple[list[str], list[int]]:
     return lines, bad
 
 
-def parse_block(layout: Layout, first_line: int, block: bytes) -> RawBlock:
-    """Validate and split one block of lines (vectorized); see the module docstring."""
+def _checks(layout: Layout) -> list[tuple[pl.Expr, pl.Expr]]:
+    """(is-bad flag, reason) per validation rule, in the order a line's first failure is reported.
+
+    The frame they run on holds ``_bad_utf8``, ``_nf`` (field count) and the fields as strings.
+    Flags are null-safe (a null never hides a bad line).
+    """
+    checks: list[tuple[pl.Expr, pl.Expr]] = [
+        (pl.col("_bad_utf8"), pl.lit("undecodable bytes (not UTF-8)")),
+        ((pl.col("_nf") == 1) & pl.col(layout.names[0]).is_null(), pl.lit("empty line")),
+    ]
+    span = (str(layout.max_fields) if layout.min_fields == layout.max_fields
+            else f"{layout.min_fields}..{layout.max_fields}")
+    checks.append((
+        (pl.col("_nf") < layout.min_fields) | (pl.col("_nf") > layout.max_fields),
+        pl.format("expected {} fields, found {}", pl.lit(span), pl.col("_nf")),
+    ))
+    if layout.label:
+        lab = pl.col(layout.label).str.strip_chars()
+        checks.append((
+            ~lab.is_in(["0", "1"]).fill_null(False),
+            pl.format("label {}: {} is not 0 or 1", pl.lit(layout.label), lab.fill_null("<missing>")),
+        ))
+    for name in layout.dense:
+        raw = pl.col(name)
+        bad, what = _dense_bad(layout, raw, pl.col(f"_v_{name}"))
+        checks.append((bad, pl.format("field {}: {} {}", pl.lit(name), raw, pl.lit(what))))
+    return [(flag.fill_null(True), reason) for flag, reason in checks]
+
+
+def _dense_value(layout: Layout, raw: pl.Expr) -> pl.Expr:
+    """The parsed value of a dense field (null when missing or malformed)."""
+    if layout.integer_dense and not layout.float_ints:
+        return raw.cast(pl.Int64, strict=False).cast(pl.Float64)
+    return raw.cast(pl.Float64, strict=False)
+
+
+def _dense_bad(layout: Layout, raw: pl.Expr, value: pl.Expr) -> tuple[pl.Expr, str]:
+    """Is-bad flag of a dense field given its parsed value, and what a bad value is not."""
+    present = raw.is_not_null() & (raw != "")
+    if layout.integer_dense and not layout.float_ints:
+        return present & value.is_null(), "is not an integer"
+    bad = present & (value.is_null() | ~value.is_finite().fill_null(False))
+    if layout.integer_dense:
+        return bad | (present & (value != value.floor()).fill_null(False)), "is not an integer"
+    return bad, "is not a finite number"
+
+
+def _outputs(layout: Layout) -> list[pl.Expr]:
+    out = [pl.col("_line")]
+    if layout.label:
+        out.append(pl.col(layout.label).cast(pl.Float32, strict=False).alias("label"))
+    out += [pl.col(f"_v_{name}").alias(name) for name in layout.dense]
+    out += [pl.col(name) for name in layout.categorical]
+    return out
+
+
+def _finish(layout: Layout, df: pl.DataFrame, raw_lines: pl.Series) -> RawBlock:
+    """Split a parsed frame into validated rows and quarantine records (reasons only for bad rows)."""
+    checks = _checks(layout)
+    df = df.with_columns(_dense_value(layout, pl.col(n)).alias(f"_v_{n}") for n in layout.dense)
+    df = df.with_columns(_bad=pl.any_horizontal([flag for flag, _ in checks]))
+    good = df.filter(~pl.col("_bad")).select(_outputs(layout))
+    quarantine: list[dict] = []
+    bad = df.filter(pl.col("_bad"))
+    if bad.height:
+        reasons = bad.select(
+            "_line", "_idx", pl.coalesce([pl.when(flag).then(reason) for flag, reason in checks]).alias("r")
+        )
+        for line, idx, reason in reasons.iter_rows():
+            quarantine.append({"file": layout.path, "line": line, "reason": reason,
+                               "raw": raw_lines[idx][:RAW_PREVIEW_CHARS]})
+    return RawBlock(frame=good, quarantine=quarantine, lines_read=df.height)
+
+
+def _parse_fast(layout: Layout, first_line: int, block: bytes) -> RawBlock | None:
+    """polars' CSV reader over the whole block; None when the block needs the careful path."""
+    if b"\r" in block or b"\x1f" in block:
+        return None
+    n_lines = block.count(b"\n") + 1
+    options = {"has_header": False, "infer_schema": False, "quote_char": None}
+    try:
+        fields = pl.read_csv(block, separator=layout.separator, truncate_ragged_lines=True,
+                             new_columns=list(layout.names), **options)
+        # \x1f never occurs in the block: each line becomes one string, to count its separators.
+        lines = pl.read_csv(block, separator="\x1f", new_columns=["_raw"], **options).get_column("_raw")
+    except (pl.exceptions.PolarsError, UnicodeDecodeError):
+        return None
+    if fields.height != n_lines or lines.len() != n_lines or fields.width != len(layout.names):
+        return None  # e.g. blank lines, which the CSV reader skips
+    df = fields.with_columns(
+        _line=pl.int_range(first_line, first_line + n_lines, dtype=pl.Int64),
+        _idx=pl.int_range(0, n_lines, dtype=pl.Int64),
+        _nf=(lines.str.count_matches(layout.separator, literal=True) + 1).fill_null(1),
+        _bad_utf8=pl.lit(False),
+    )
+    if first_line == 1 and layout.first_data_line == 2:
+        df = df.slice(1)  # the header line
+    return _finish(layout, df, lines.fill_null(""))
+
+
+def _parse_careful(layout: Layout, first_line: int, block: bytes) -> RawBlock:
+    """Line-by-line decoding (undecodable bytes, blank lines, CRLF), then vectorized splitting."""
     lines, undecodable = _decode_lines(block)
     n = len(lines)
     sep = layout.separator
-    df = pl.DataFrame(
-        {
-            "_line": pl.int_range(first_line, first_line + n, dtype=pl.Int64, eager=True),
-            "_raw": pl.Series(lines, dtype=pl.Utf8).str.strip_chars_end("\r"),
-        }
-    )
-    if undecodable:
-        df = df.with_columns(_bad_utf8=pl.int_range(0, n, eager=True).is_in(undecodable))
-    else:
-        df = df.with_columns(_bad_utf8=pl.lit(False))
+    raw = pl.Series("_raw", lines, dtype=pl.Utf8).str.strip_chars_end("\r")
+    df = pl.DataFrame({
+        "_line": pl.int_range(first_line, first_line + n, dtype=pl.Int64, eager=True),
+        "_idx": pl.int_range(0, n, dtype=pl.Int64, eager=True),
+        "_raw": raw,
+        "_bad_utf8": pl.int_range(0, n, eager=True).is_in(undecodable) if undecodable else [False] * n,
+    })
     if first_line == 1 and layout.first_data_line == 2:
-        df = df.slice(1)  # the header line
-    df = df.with_columns(_nf=pl.col("_raw").str.count_matches(sep, literal=True) + 1)
-    names = layout.names
-    fields = (
-        pl.col("_raw")
-        .str.split_exact(sep, len(names) - 1)
-        .struct.rename_fields(list(names))
-        .alias("_fields")
-    )
-    df = df.with_columns(fields).unnest("_fields")
+        df = df.slice(1)
+    names = list(layout.names)
+    split = pl.col("_raw").str.split_exact(sep, len(names) - 1).struct.rename_fields(names)
+    df = df.with_columns(
+        _nf=pl.col("_raw").str.count_matches(sep, literal=True) + 1,
+        _fields=split,
+    ).unnest("_fields")
+    # As in the CSV reader of the fast path, an empty field is null (an empty line too).
+    df = df.with_columns(pl.when(pl.col(n) != "").then(pl.col(n)).otherwise(None).alias(n)
+                         for n in layout.names)
+    return _finish(layout, df, raw)
 
-    checks: list[pl.Expr] = [
-        pl.when(pl.col("_bad_utf8")).then(pl.lit("undecodable bytes (not UTF-8)")),
-        pl.when(pl.col("_raw") == "").then(pl.lit("empty line")),
-        pl.when((pl.col("_nf") < layout.min_fields) | (pl.col("_nf") > layout.max_fields)).then(
-            pl.format(
-                "expected {} fields, found {}",
-                pl.lit(
-                    str(layout.max_fields)
-                    if layout.min_fields == layout.max_fields
-                    else f"{layout.min_fields}..{layout.max_fields}"
-                ),
-                pl.col("_nf"),
-            )
-        ),
-    ]
-    out_cols: list[pl.Expr] = [pl.col("_line")]
-    if layout.label:
-        lab = pl.col(layout.label).str.strip_chars()
-        checks.append(
-            pl.when(~lab.is_in(["0", "1"])).then(
-                pl.format("label {}: {} is not 0 or 1", pl.lit(layout.label), lab.fill_null("<missing>"))
-            )
-        )
-        out_cols.append(lab.cast(pl.Float32, strict=False).alias("label"))
-    for name in layout.dense:
-        raw = pl.col(name).str.strip_chars()
-        present = raw.is_not_null() & (raw != "")
-        if layout.integer_dense and not layout.float_ints:
-            value = raw.cast(pl.Int64, strict=False).cast(pl.Float64)
-            bad = present & value.is_null()
-            what = "is not an integer"
-        else:
-            value = raw.cast(pl.Float64, strict=False)
-            bad = present & (value.is_null() | ~value.is_finite())
-            what = "is not a finite number"
-            if layout.integer_dense:
-                bad = bad | (present & value.is_finite() & (value != value.floor()))
-                what = "is not an integer"
-        checks.append(pl.when(bad).then(pl.format("field {}: {} {}", pl.lit(name), raw, pl.lit(what))))
-        out_cols.append(pl.when(present).then(value).otherwise(None).cast(pl.Float64).alias(name))
-    for name in layout.categorical:
-        raw = pl.col(name)
-        out_cols.append(pl.when(raw != "").then(raw).otherwise(None).cast(pl.Utf8).alias(name))
 
-    df = df.with_columns(pl.coalesce(checks).alias("_reason"))
-    good = df.filter(pl.col("_reason").is_null()).select(out_cols)
-    bad_rows = df.filter(pl.col("_reason").is_not_null()).select("_line", "_reason", "_raw")
-    quarantine = [
-        {"file": layout.path, "line": line, "reason": reason, "raw": raw[:RAW_PREVIEW_CHARS]}
-        for line, reason, raw in bad_rows.iter_rows()
-    ]
-    return RawBlock(frame=good, quarantine=quarantine, lines_read=df.height)
+def parse_block(layout: Layout, first_line: int, block: bytes) -> RawBlock:
+    """Validate and split one block of lines; see the module docstring."""
+    return _parse_fast(layout, first_line, block) or _parse_careful(layout, first_line, block)
 
 
 def _first_line(path: Path) -> bytes:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import io
+import itertools
 import statistics
 import sys
 import time
@@ -30,14 +31,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import itertools
-
-from common import format_table, machine_info, utc_timestamp, write_json
-
 from ctr_ad.config import Config
 from ctr_ad.losses import penalty_value, summed_bce
 from ctr_ad.model import EnsembleCTR
 from ctr_ad.train import build_optimizers
+
+from common import format_table, machine_info, utc_timestamp, write_json
 
 N_DENSE = 13
 EMBEDDING_DIM = 16

@@ -98,6 +98,9 @@ def _transform_block(block: SpillBlock, split_args: tuple, fp_dict: dict) -> lis
     codes = pl.Series(_split_codes(split_args[0], split_args[1], block.row_offset, block.rows,
                                    block.file_index, split_args[2], split_args[3]))
     model = fp.transform(frame)
+    if codes.n_unique() == 1:  # a whole block in one split (sequential/files): no filtering copies
+        only = int(codes[0]) if len(codes) else 0
+        return [model if i == only else model.clear() for i in range(len(SPLITS))]
     return [model.filter(codes == i) for i in range(len(SPLITS))]
 
 

@@ -249,10 +249,12 @@ def _finish(layout: Layout, df: pl.DataFrame, raw_lines: pl.Series) -> RawBlock:
     checks = _checks(layout)
     df = df.with_columns(_dense_value(layout, pl.col(n)).alias(f"_v_{n}") for n in layout.dense)
     df = df.with_columns(_bad=pl.any_horizontal([flag for flag, _ in checks]))
-    good = df.filter(~pl.col("_bad")).select(_outputs(layout))
+    n_bad = int(df.get_column("_bad").sum())
+    # Filtering copies every column: skip it for the usual block without a bad line.
+    good = (df.filter(~pl.col("_bad")) if n_bad else df).select(_outputs(layout))
     quarantine: list[dict] = []
-    bad = df.filter(pl.col("_bad"))
-    if bad.height:
+    if n_bad:
+        bad = df.filter(pl.col("_bad"))
         reasons = bad.select(
             "_line", "_idx", pl.coalesce([pl.when(flag).then(reason) for flag, reason in checks]).alias("r")
         )

@@ -1,0 +1,57 @@
+"""``ctr-ad train``: train an (anti-distilled) ensemble on ingested data into a run directory."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ctr_ad.config import load_config
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="directory written by `ctr-ad ingest`")
+    parser.add_argument("--config", help="YAML config (see pipelines/configs/); default: built-in defaults")
+    parser.add_argument("--out", required=True, help="run directory (checkpoint, metrics.jsonl, bundle/)")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config value, e.g. --set model.components=4 --set anti_distillation.lambda=0.1",
+    )
+    parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
+    parser.add_argument("--deterministic", action="store_true", help="deterministic kernels (bit-identical reruns)")
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override train.device")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run(args: argparse.Namespace) -> int:
+    from ctr_ad.train import TrainingInterrupted, train
+
+    cfg = load_config(args.config, args.overrides)
+    try:
+        result = train(
+            args.data,
+            cfg,
+            args.out,
+            resume=args.resume,
+            device=args.device,
+            deterministic=True if args.deterministic else None,
+            progress=False if args.no_progress else None,
+        )
+    except TrainingInterrupted as exc:
+        print(f"ctr-ad train: {exc}", file=sys.stderr)
+        return 143
+    summary = {
+        "run_dir": str(result.run_dir),
+        "bundle": str(result.bundle_dir) if result.bundle_dir else None,
+        "steps": result.steps,
+        "best_step": result.best_step,
+        "stopped_early": result.stopped_early,
+        "valid": result.valid_metrics,
+        "test": result.test_metrics,
+    }
+    print(json.dumps(summary))
+    return 0

@@ -86,11 +86,13 @@ class DenseStats:
     def block_stats(self, frame: pl.DataFrame) -> dict[str, tuple[int, float, float]]:
         if not self.fields:
             return {}
+        # Transform each column once, then aggregate (not once per aggregate).
+        values = frame.select(_dense_base(pl.col(f), self.transform).alias(f) for f in self.fields)
         exprs = []
         for f in self.fields:
-            v = _dense_base(pl.col(f), self.transform)
+            v = pl.col(f)
             exprs += [v.count().alias(f"{f}:n"), v.sum().alias(f"{f}:s"), (v * v).sum().alias(f"{f}:ss")]
-        row = frame.select(exprs).row(0, named=True)
+        row = values.select(exprs).row(0, named=True)
         return {f: (int(row[f"{f}:n"]), float(row[f"{f}:s"] or 0.0), float(row[f"{f}:ss"] or 0.0))
                 for f in self.fields}
 
@@ -132,7 +134,7 @@ class FeatureProcessor:
     vocab: dict[str, list[str]]
     dense_stats: dict[str, dict[str, float]]
     _lookup: dict[str, dict[str, int]] = field(default_factory=dict, repr=False, compare=False)
-    _lookup_frames: dict[str, pl.DataFrame] = field(default_factory=dict, repr=False, compare=False)
+    _lookup_enums: dict[str, pl.Enum] = field(default_factory=dict, repr=False, compare=False)
 
     # ----------------------------------------------------------------------------- fitting
     @classmethod
@@ -179,19 +181,18 @@ class FeatureProcessor:
         return pl.Series(f, idx, dtype=pl.Int32)
 
     def _index_large(self, f: str, values: pl.Series) -> pl.Series:
-        table = self._lookup_frames.get(f)
-        if table is None:
-            table = pl.DataFrame(
-                {"value": pl.Series(self.vocab[f], dtype=pl.Utf8),
-                 "idx": pl.int_range(RESERVED, RESERVED + len(self.vocab[f]), dtype=pl.Int32, eager=True)}
-            )
-            self._lookup_frames[f] = table
-        joined = pl.DataFrame({"value": values.cast(pl.Utf8)}).join(
-            table, on="value", how="left", maintain_order="left"
-        )
-        idx = joined.get_column("idx").fill_null(OOV_INDEX)
+        # An Enum over the vocabulary maps a value to its position in one vectorized cast; values
+        # outside it become null (out-of-vocabulary), nulls stay null (missing).
+        enum = self._lookup_enums.get(f)
+        if enum is None:
+            enum = pl.Enum(self.vocab[f])
+            self._lookup_enums[f] = enum
+        codes = values.cast(pl.Utf8).cast(enum, strict=False).to_physical().cast(pl.Int32)
         return pl.select(
-            pl.when(values.is_null()).then(pl.lit(MISSING_INDEX)).otherwise(idx).cast(pl.Int32).alias(f)
+            pl.when(values.is_null()).then(pl.lit(MISSING_INDEX, dtype=pl.Int32))
+            .when(codes.is_null()).then(pl.lit(OOV_INDEX, dtype=pl.Int32))
+            .otherwise(codes + RESERVED)
+            .alias(f)
         ).to_series()
 
     def transform(self, raw: pl.DataFrame) -> pl.DataFrame:

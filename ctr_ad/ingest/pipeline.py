@@ -1,18 +1,22 @@
 """Streaming ingest: raw logs -> ``train/valid/test.parquet`` + ``features.json`` + manifest + quarantine.
 
-Three passes over bounded blocks of lines, so memory does not grow with the input:
-1. parse and validate every block (quarantining bad lines) into a temporary spill of typed Parquet;
-2. decide each row's split (sequential, seeded random or by file) and fit the feature processor on
-   the training rows only (streaming value counts + dense moments);
-3. transform every block and append it to the split files.
-Blocks are independent, so passes 1 and 3 and the counting of pass 2 run on ``workers`` processes;
-the main process merges results in block order, so the output is byte-identical for any worker count.
+Two passes over bounded blocks of lines, so memory does not grow with the input:
+1. parse and validate every block (quarantining bad lines), decide each row's split from its
+   position among the data lines (sequential: the latest lines are the test split; random: a seeded
+   hash of the position; files: one file per split), count the categorical values and dense moments
+   of its training rows, and spill the typed block to a temporary Arrow file;
+2. fit the feature processor from the merged counts (training rows only), transform every spilled
+   block and append it to its split file.
+A sequential split needs the number of data lines first: a quick pre-pass counts newlines.
+Blocks are independent, so both passes run on ``workers`` processes; the main process merges their
+results in block order, so the output is byte-identical for any worker count.
 Outputs are written under temporary names and renamed at the end: an interrupted run never leaves a
 file that looks complete.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -37,7 +41,14 @@ import pyarrow.parquet as pq
 from ctr_ad import __version__
 from ctr_ad.errors import UserError
 from ctr_ad.features import CategoryCounter, DenseStats, FeatureProcessor
-from ctr_ad.ingest.reader import DEFAULT_BLOCK_BYTES, Layout, iter_line_blocks, open_source, parse_block
+from ctr_ad.ingest.reader import (
+    DEFAULT_BLOCK_BYTES,
+    Layout,
+    iter_line_blocks,
+    open_binary,
+    open_source,
+    parse_block,
+)
 from ctr_ad.schema import get_source
 
 SPLITS = ("train", "valid", "test")
@@ -46,62 +57,96 @@ PARQUET_COMPRESSION = "zstd"
 
 
 @dataclass(frozen=True)
-class SpillBlock:
+class SplitPlan:
+    """How rows are assigned to splits: a pure function of a row's data-line position."""
+
+    mode: str
+    seed: int
+    train_lines: int  # sequential: data lines [0, train_lines) are train,
+    valid_lines: int  # the next valid_lines are valid, the rest test
+    valid_frac: float
+    test_frac: float
+
+    def codes(self, positions: np.ndarray, file_index: int) -> np.ndarray:
+        """0 = train, 1 = valid, 2 = test for rows at global data-line ``positions``."""
+        if self.mode == "files":
+            return np.full(len(positions), file_index, dtype=np.int8)
+        idx = positions.astype(np.uint64)
+        if self.mode == "sequential":
+            return np.where(idx < self.train_lines, 0,
+                            np.where(idx < self.train_lines + self.valid_lines, 1, 2)).astype(np.int8)
+        # splitmix64 of (seed, position): a fixed-seed uniform per row that no block size can change.
+        with np.errstate(over="ignore"):
+            z = idx + np.uint64(0x9E3779B97F4A7C15) * np.uint64(self.seed + 1)
+            z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+            z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+            z = z ^ (z >> np.uint64(31))
+        u = (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
+        return np.where(u < self.test_frac, 2, np.where(u < self.test_frac + self.valid_frac, 1, 0)).astype(np.int8)
+
+
+@dataclass(frozen=True)
+class BlockTask:
+    layout: Layout
+    first_line: int
+    block: bytes
+    spill: str
     file_index: int
-    path: str
-    rows: int
-    row_offset: int  # global index of the block's first valid row
+    line_offset: int  # global data-line position of the file's first data line
 
 
 # --------------------------------------------------------------------------------------- workers
-def _parse_and_spill(layout: Layout, first_line: int, block: bytes, spill_path: str) -> tuple[int, int, list]:
-    parsed = parse_block(layout, first_line, block)
-    # Arrow IPC, uncompressed: the spill is read back twice, and IPC is the cheapest format to do so.
-    parsed.frame.write_ipc(spill_path, compression="uncompressed")
-    return parsed.frame.height, parsed.lines_read, parsed.quarantine
+def _worker_init() -> None:
+    # Worker processes split the cores between them: one polars thread each avoids oversubscription.
+    os.environ["POLARS_MAX_THREADS"] = "1"
 
 
-def _split_codes(mode: str, seed: int, offset: int, n: int, file_index: int, bounds: tuple[int, int],
-                 fracs: tuple[float, float]) -> np.ndarray:
-    """0 = train, 1 = valid, 2 = test for the rows ``offset .. offset+n`` (independent of blocking)."""
-    if mode == "files":
-        return np.full(n, file_index, dtype=np.int8)
-    idx = np.arange(offset, offset + n, dtype=np.uint64)
-    if mode == "sequential":
-        n_train, n_valid = bounds
-        return np.where(idx < n_train, 0, np.where(idx < n_train + n_valid, 1, 2)).astype(np.int8)
-    # splitmix64 of (seed, row index): a fixed-seed uniform per row that no block size can change.
-    with np.errstate(over="ignore"):
-        z = idx + np.uint64(0x9E3779B97F4A7C15) * np.uint64(seed + 1)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        z = z ^ (z >> np.uint64(31))
-    u = (z >> np.uint64(11)).astype(np.float64) / float(1 << 53)
-    valid_frac, test_frac = fracs
-    return np.where(u < test_frac, 2, np.where(u < test_frac + valid_frac, 1, 0)).astype(np.int8)
-
-
-def _count_train(block: SpillBlock, split_args: tuple, categorical: list[str], dense: list[str],
-                 transform: str) -> tuple[dict, dict]:
-    frame = pl.read_ipc(block.path, columns=[*categorical, *dense])
-    codes = _split_codes(split_args[0], split_args[1], block.row_offset, block.rows, block.file_index,
-                         split_args[2], split_args[3])
-    train = frame.filter(pl.Series(codes == 0))
+def _parse_count_spill(task: BlockTask, plan: SplitPlan, categorical: list[str], dense: list[str],
+                       transform: str) -> tuple[int, list[int], int, list, dict, tuple]:
+    """Pass 1 on one block: validate, assign splits, count the training rows, spill."""
+    parsed = parse_block(task.layout, task.first_line, task.block)
+    frame = parsed.frame
+    positions = frame.get_column("_line").to_numpy() - task.layout.first_data_line + task.line_offset
+    codes = plan.codes(positions, task.file_index)
+    frame = frame.with_columns(_split=pl.Series(codes, dtype=pl.Int8))
+    train = frame.filter(pl.col("_split") == 0) if (codes != 0).any() else frame
     counts = CategoryCounter.block_counts(train, categorical)
     stats = DenseStats(dense, transform).block_stats(train)
-    return counts, stats
+    # Arrow IPC, uncompressed: the cheapest format to read back once.
+    frame.write_ipc(task.spill, compression="uncompressed")
+    per_split = np.bincount(codes, minlength=len(SPLITS)).tolist()
+    return frame.height, per_split, parsed.lines_read, parsed.quarantine, counts, stats
 
 
-def _transform_block(block: SpillBlock, split_args: tuple, fp_dict: dict) -> list[pl.DataFrame]:
-    fp = FeatureProcessor.from_dict(fp_dict)
-    frame = pl.read_ipc(block.path)
-    codes = pl.Series(_split_codes(split_args[0], split_args[1], block.row_offset, block.rows,
-                                   block.file_index, split_args[2], split_args[3]))
+@functools.lru_cache(maxsize=2)
+def _load_features(path: str) -> FeatureProcessor:
+    # Loaded once per process: its lookup tables are built on first use and reused for every block.
+    return FeatureProcessor.load(path)
+
+
+def _transform_block(spill: str, features_path: str) -> list[pl.DataFrame]:
+    """Pass 2 on one block: model-ready columns, cut by split."""
+    fp = _load_features(features_path)
+    frame = pl.read_ipc(spill)
+    codes = frame.get_column("_split")
     model = fp.transform(frame)
     if codes.n_unique() == 1:  # a whole block in one split (sequential/files): no filtering copies
         only = int(codes[0]) if len(codes) else 0
         return [model if i == only else model.clear() for i in range(len(SPLITS))]
     return [model.filter(codes == i) for i in range(len(SPLITS))]
+
+
+def count_data_lines(path: Path, layout: Layout) -> int:
+    """Data lines of a file (header excluded), counted from raw bytes without parsing."""
+    lines = 0
+    last = b"\n"
+    with open_binary(path) as fh:
+        for chunk in iter(lambda: fh.read(1 << 24), b""):
+            lines += chunk.count(b"\n")
+            last = chunk[-1:]
+    if last != b"\n":
+        lines += 1
+    return max(lines - (layout.first_data_line - 1), 0)
 
 
 # --------------------------------------------------------------------------------------- helpers
@@ -192,41 +237,52 @@ def run_ingest(
     tmp = out / ".ingest-tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    pool = (ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"))
+    pool = (ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_worker_init)
             if workers > 1 else None)
     window = max(2 * workers, 2)
     try:
-        # ---- pass 1: parse, validate, spill
+        # ---- pass 1: parse, validate, split, count the training rows, spill
         _log(f"reading {len(inputs)} file(s) as {source} with {workers} worker(s)", quiet)
+        line_offsets = [0] * len(inputs)
+        plan = SplitPlan(split, seed, 0, 0, valid_frac, test_frac)
+        if split == "sequential":
+            data_lines = [count_data_lines(p, lay) for p, lay in zip(inputs, layouts, strict=True)]
+            line_offsets = [sum(data_lines[:i]) for i in range(len(inputs))]
+            total = sum(data_lines)
+            n_test, n_valid = round(total * test_frac), round(total * valid_frac)
+            plan = SplitPlan(split, seed, total - n_valid - n_test, n_valid, valid_frac, test_frac)
         file_stats = [{"path": str(p), "rows_read": 0, "rows_written": 0, "rows_quarantined": 0}
                       for p in inputs]
-        blocks: list[SpillBlock] = []
+        spills: list[str] = []
+        split_rows = dict.fromkeys(SPLITS, 0)
         by_kind: Counter = Counter()
         examples: list[dict] = []
+        counter = CategoryCounter(list(spec.categorical))
+        stats = DenseStats(dense, spec.dense_transform)
         quarantine_tmp = tmp / "quarantine.jsonl"
-        n_rows = 0
-        n_spill = 0
+
+        task_files: list[int] = []
 
         def tasks() -> Iterator[tuple]:
-            nonlocal n_spill
             for fi, (path, lay) in enumerate(zip(inputs, layouts, strict=True)):
+                offset = line_offsets[fi]
+                if split != "sequential":  # positions only need to be distinct and stable
+                    offset = fi << 40
                 for first_line, block in iter_line_blocks(path, block_bytes):
-                    spill = str(tmp / f"spill-{n_spill:06d}.arrow")
-                    n_spill += 1
-                    yield fi, (lay, first_line, block, spill)
-
-        task_meta: list[tuple[int, str]] = []
-
-        def parse_args() -> Iterator[tuple]:
-            for fi, a in tasks():
-                task_meta.append((fi, a[3]))
-                yield a
+                    spill = str(tmp / f"spill-{len(spills):06d}.arrow")
+                    spills.append(spill)
+                    task_files.append(fi)
+                    task = BlockTask(lay, first_line, block, spill, fi, offset)
+                    yield task, plan, list(spec.categorical), dense, spec.dense_transform
 
         with open(quarantine_tmp, "w", encoding="utf-8") as qf:
-            for i, (good, read, bad) in enumerate(_ordered_map(_parse_and_spill, parse_args(), pool, window)):
-                fi, spill = task_meta[i]
-                blocks.append(SpillBlock(fi, spill, good, n_rows))
-                n_rows += good
+            for i, result in enumerate(_ordered_map(_parse_count_spill, tasks(), pool, window)):
+                good, per_split, read, bad, counts, block_stats = result
+                fi = task_files[i]
+                counter.add_counts(counts)
+                stats.add_stats(block_stats)
+                for name, n in zip(SPLITS, per_split, strict=True):
+                    split_rows[name] += n
                 fs = file_stats[fi]
                 fs["rows_read"] += read
                 fs["rows_written"] += good
@@ -239,6 +295,7 @@ def run_ingest(
         shutil.move(str(quarantine_tmp), str(out / "quarantine.jsonl"))
         rows_read = sum(f["rows_read"] for f in file_stats)
         rows_bad = sum(f["rows_quarantined"] for f in file_stats)
+        n_rows = sum(f["rows_written"] for f in file_stats)
         for fs in file_stats:
             assert fs["rows_read"] == fs["rows_written"] + fs["rows_quarantined"], fs
         _log(f"read {rows_read} rows: {n_rows} valid, {rows_bad} quarantined", quiet)
@@ -246,27 +303,16 @@ def run_ingest(
             raise UserError(_quarantine_summary(by_kind, examples, rows_read, rows_bad, max_bad_fraction))
         if n_rows == 0:
             raise UserError(f"{', '.join(map(str, inputs))}: no valid rows")
-
-        # ---- pass 2: split + fit on the training rows only
-        n_test = round(n_rows * test_frac)
-        n_valid = round(n_rows * valid_frac)
-        split_args = (split, seed, (n_rows - n_valid - n_test, n_valid), (valid_frac, test_frac))
-        counter = CategoryCounter(list(spec.categorical))
-        stats = DenseStats(dense, spec.dense_transform)
-        count_args = ((b, split_args, list(spec.categorical), dense, spec.dense_transform) for b in blocks)
-        for counts, block_stats in _ordered_map(_count_train, count_args, pool, window):
-            counter.add_counts(counts)
-            stats.add_stats(block_stats)
         fp = FeatureProcessor.fit_from(source, spec, dense, counter, stats, min_count)
         _log("fitted features: vocab sizes " + ", ".join(
             f"{c}={n}" for c, n in zip(fp.categorical_columns, fp.cardinalities, strict=True)), quiet)
 
-        # ---- pass 3: transform and write the splits
+        # ---- pass 2: transform and write the splits
         writers: dict[str, pq.ParquetWriter] = {}
-        split_rows = dict.fromkeys(SPLITS, 0)
         schema: pa.Schema | None = None
-        fp_dict = fp.to_dict()
-        for parts in _ordered_map(_transform_block, ((b, split_args, fp_dict) for b in blocks), pool, window):
+        features_path = str(tmp / "features.json")
+        fp.save(Path(features_path))
+        for parts in _ordered_map(_transform_block, ((sp, features_path) for sp in spills), pool, window):
             for name, part in zip(SPLITS, parts, strict=True):
                 table = part.to_arrow()
                 schema = schema or table.schema
@@ -276,14 +322,13 @@ def run_ingest(
                     writers[name] = pq.ParquetWriter(tmp / f"{name}.parquet", table.schema,
                                                      compression=PARQUET_COMPRESSION)
                 writers[name].write_table(table)
-                split_rows[name] += part.height
         for name in SPLITS:
             if name in writers:
                 writers[name].close()
             else:  # an empty split still gets a file with the right columns
                 assert schema is not None
                 pq.write_table(schema.empty_table(), tmp / f"{name}.parquet", compression=PARQUET_COMPRESSION)
-        fp.save(tmp / "features.json")
+        _load_features.cache_clear()
 
         # ---- publish atomically (each file by rename), manifest last
         (out / "manifest.json").unlink(missing_ok=True)  # no stale manifest beside new splits

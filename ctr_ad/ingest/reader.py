@@ -12,10 +12,11 @@ fields as Float64 (null = missing) and categorical fields as Utf8 (null = missin
 from __future__ import annotations
 
 import gzip
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 
 from ctr_ad.errors import UserError
@@ -159,16 +160,28 @@ def iter_line_blocks(path: Path, block_bytes: int = DEFAULT_BLOCK_BYTES) -> Iter
             data = fh.read(block_bytes)
             if not data:
                 break
-            data = carry + data
             cut = data.rfind(b"\n")
             if cut < 0:
-                carry = data
+                carry += data
                 continue
-            block, carry = data[:cut], data[cut + 1 :]
+            # One copy of the block (carry + head); the tail after the last newline is small.
+            block = carry + data[:cut] if carry else data[:cut]
+            carry = data[cut + 1 :]
             yield line_no, block
             line_no += block.count(b"\n") + 1
     if carry:
         yield line_no, carry
+
+
+def line_spans(block: bytes, separator: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per line of ``block``: start offset, end offset and number of fields (vectorized, no decoding)."""
+    data = np.frombuffer(block, dtype=np.uint8)
+    newlines = np.flatnonzero(data == 10)
+    ends = np.append(newlines, len(data))
+    starts = np.concatenate(([0], newlines + 1))
+    seps = np.flatnonzero(data == ord(separator))
+    fields = np.diff(np.searchsorted(seps, ends), prepend=0) + 1
+    return starts, ends, fields
 
 
 def _decode_lines(block: bytes) -> tuple[list[str], list[int]]:
@@ -244,7 +257,7 @@ def _outputs(layout: Layout) -> list[pl.Expr]:
     return out
 
 
-def _finish(layout: Layout, df: pl.DataFrame, raw_lines: pl.Series) -> RawBlock:
+def _finish(layout: Layout, df: pl.DataFrame, raw_line: Callable[[int], str]) -> RawBlock:
     """Split a parsed frame into validated rows and quarantine records (reasons only for bad rows)."""
     checks = _checks(layout)
     df = df.with_columns(_dense_value(layout, pl.col(n)).alias(f"_v_{n}") for n in layout.dense)
@@ -260,34 +273,37 @@ def _finish(layout: Layout, df: pl.DataFrame, raw_lines: pl.Series) -> RawBlock:
         )
         for line, idx, reason in reasons.iter_rows():
             quarantine.append({"file": layout.path, "line": line, "reason": reason,
-                               "raw": raw_lines[idx][:RAW_PREVIEW_CHARS]})
+                               "raw": raw_line(idx)[:RAW_PREVIEW_CHARS]})
     return RawBlock(frame=good, quarantine=quarantine, lines_read=df.height)
 
 
 def _parse_fast(layout: Layout, first_line: int, block: bytes) -> RawBlock | None:
     """polars' CSV reader over the whole block; None when the block needs the careful path."""
-    if b"\r" in block or b"\x1f" in block:
+    if b"\r" in block:
         return None
-    n_lines = block.count(b"\n") + 1
-    options = {"has_header": False, "infer_schema": False, "quote_char": None}
+    starts, ends, n_fields = line_spans(block, layout.separator)
+    n_lines = len(starts)
     try:
         fields = pl.read_csv(block, separator=layout.separator, truncate_ragged_lines=True,
-                             new_columns=list(layout.names), **options)
-        # \x1f never occurs in the block: each line becomes one string, to count its separators.
-        lines = pl.read_csv(block, separator="\x1f", new_columns=["_raw"], **options).get_column("_raw")
+                             new_columns=list(layout.names), has_header=False, infer_schema=False,
+                             quote_char=None)
     except (pl.exceptions.PolarsError, UnicodeDecodeError):
-        return None
-    if fields.height != n_lines or lines.len() != n_lines or fields.width != len(layout.names):
+        return None  # e.g. undecodable bytes
+    if fields.height != n_lines or fields.width != len(layout.names):
         return None  # e.g. blank lines, which the CSV reader skips
     df = fields.with_columns(
         _line=pl.int_range(first_line, first_line + n_lines, dtype=pl.Int64),
         _idx=pl.int_range(0, n_lines, dtype=pl.Int64),
-        _nf=(lines.str.count_matches(layout.separator, literal=True) + 1).fill_null(1),
+        _nf=pl.Series(n_fields, dtype=pl.Int64),
         _bad_utf8=pl.lit(False),
     )
     if first_line == 1 and layout.first_data_line == 2:
         df = df.slice(1)  # the header line
-    return _finish(layout, df, lines.fill_null(""))
+
+    def raw_line(i: int) -> str:
+        return block[starts[i] : ends[i]].decode("utf-8", "backslashreplace")
+
+    return _finish(layout, df, raw_line)
 
 
 def _parse_careful(layout: Layout, first_line: int, block: bytes) -> RawBlock:
@@ -313,7 +329,7 @@ def _parse_careful(layout: Layout, first_line: int, block: bytes) -> RawBlock:
     # As in the CSV reader of the fast path, an empty field is null (an empty line too).
     df = df.with_columns(pl.when(pl.col(n) != "").then(pl.col(n)).otherwise(None).alias(n)
                          for n in layout.names)
-    return _finish(layout, df, raw)
+    return _finish(layout, df, lambda i: raw[i])
 
 
 def parse_block(layout: Layout, first_line: int, block: bytes) -> RawBlock:

@@ -1,0 +1,348 @@
+"""Ingest benchmark: ``ctr-ad ingest`` against the usual pandas script, on synthetic Criteo logs.
+
+Every measured run is its own process, so wall time includes interpreter start-up and imports (what a
+user of either tool pays) and peak RSS is not polluted by the driver's memory or an earlier run.
+Repeats are interleaved round-robin (A B C, A B C, ...) rather than back-to-back (A A A, B B B) so a
+slow phase of a noisy machine hits every configuration alike; medians are reported.
+
+    python benchmarks/bench_ingest.py                    # 2M rows main, 1M/5M flatness, 3 repeats
+    python benchmarks/bench_ingest.py --quick            # smoke run on tiny files
+    python benchmarks/bench_ingest.py --baseline --input F --out DIR   # the pandas baseline alone
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH_DIR = ROOT / "benchmarks"
+DEFAULT_WORK = BENCH_DIR / "work"
+DEFAULT_RESULTS = BENCH_DIR / "results" / "ingest.json"
+SEED = 1
+
+# Targets (see benchmarks/README.md): ours vs the pandas baseline at the main size, both single-process.
+TARGET_SPEEDUP = 5.0  # ours rows/s >= 5 x baseline rows/s
+TARGET_MEMORY_RATIO = 1 / 3  # ours peak RSS <= 1/3 of baseline peak RSS
+TARGET_FLATNESS = 1.3  # RSS(large) <= 1.3 x RSS(small): memory must not grow with the input
+
+CRITEO_LABEL = "label"
+CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
+CRITEO_CATEGORICAL = [f"C{i}" for i in range(1, 27)]
+
+
+# --------------------------------------------------------------------------------------- baseline
+def run_baseline(input_path: Path, out_dir: Path, valid_frac: float = 0.1, test_frac: float = 0.1,
+                 min_count: int = 2) -> dict[str, Any]:
+    """The same ingest, written the way a pandas user usually would: load everything, then transform.
+
+    Same outputs as ``ctr-ad ingest`` (sequential 80/10/10 split; vocab fit on train with min_count,
+    ordered by count then value, 0 = missing, 1 = unknown; dense clip -> log1p -> standardise on train,
+    missing -> 0 plus a ``__missing`` indicator; zstd Parquet), but without line validation/quarantine.
+    Imports stay inside so this process never loads polars or ctr_ad.
+    """
+    import numpy as np
+    import pandas as pd
+
+    names = [CRITEO_LABEL, *CRITEO_DENSE, *CRITEO_CATEGORICAL]
+    df = pd.read_csv(input_path, sep="\t", header=None, names=names)
+    n = len(df)
+    n_test = round(n * test_frac)
+    n_valid = round(n * valid_frac)
+    n_train = n - n_valid - n_test
+
+    df[CRITEO_LABEL] = df[CRITEO_LABEL].astype(np.float32)
+    cardinalities = {}
+    for c in CRITEO_CATEGORICAL:
+        s = df[c]
+        counts = s.iloc[:n_train].value_counts()  # NaN (missing) is dropped by default
+        counts = counts[counts >= min_count]
+        # value_counts leaves ties in arbitrary order; sort by (count desc, value asc) as ours does.
+        vocab = counts.rename_axis("value").reset_index().sort_values(
+            ["count", "value"], ascending=[False, True])["value"]
+        mapping = pd.Series(np.arange(2, len(vocab) + 2, dtype=np.int32), index=vocab.to_numpy())
+        codes = s.map(mapping).fillna(1)  # unknown -> 1
+        df[c] = codes.where(s.notna(), 0).astype(np.int32)  # missing -> 0
+        cardinalities[c] = len(vocab) + 2
+    for c in CRITEO_DENSE:
+        x = df[c]
+        missing = x.isna()
+        x = np.log1p(x.clip(lower=0))
+        train = x.iloc[:n_train]
+        mean, std = train.mean(), train.std(ddof=0)
+        df[c] = ((x - mean) / (std if std > 1e-12 else 1.0)).fillna(0.0).astype(np.float32)
+        df[c + "__missing"] = missing.astype(np.float32)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bounds = {"train": (0, n_train), "valid": (n_train, n_train + n_valid), "test": (n_train + n_valid, n)}
+    for name, (lo, hi) in bounds.items():
+        df.iloc[lo:hi].to_parquet(out_dir / f"{name}.parquet", engine="pyarrow", compression="zstd",
+                                  index=False)
+    return {"rows": n, "splits": {k: hi - lo for k, (lo, hi) in bounds.items()},
+            "cardinalities": [cardinalities[c] for c in CRITEO_CATEGORICAL]}
+
+
+# --------------------------------------------------------------------------------------- driver
+@dataclass
+class Config:
+    name: str
+    kind: str  # "ours" or "baseline"
+    rows: int
+    workers: int = 1
+    walls: list[float] = field(default_factory=list)
+    rss: list[int] = field(default_factory=list)
+    runs: list[dict[str, Any]] = field(default_factory=list)
+
+    def out_dir(self, work: Path) -> Path:
+        return work / "out" / self.name
+
+    def median_wall(self) -> float:
+        from common import median
+
+        return median(self.walls)
+
+    def median_rss(self) -> int:
+        from common import median
+
+        return int(median(self.rss))
+
+    def rows_per_s(self) -> float:
+        return self.rows / self.median_wall()
+
+
+def dataset(work: Path, rows: int, seed: int) -> Path:
+    """The synthetic log of ``rows`` rows, generated once and cached (generation is deterministic)."""
+    path = work / f"criteo-{rows}-seed{seed}.tsv"
+    if not path.exists():
+        from ctr_ad.synthetic import write_synthetic
+
+        t = time.perf_counter()
+        print(f"[bench] generating {path.name} ...", file=sys.stderr, flush=True)
+        write_synthetic(path, rows, seed)  # writes to a temp name and renames: a cache hit is complete
+        print(f"[bench]   {time.perf_counter() - t:.1f}s", file=sys.stderr, flush=True)
+    return path
+
+
+def source_fingerprint() -> str:
+    """Hash of the code under test, so a results file can be tied to it even from a dirty worktree."""
+    import hashlib
+
+    h = hashlib.sha256()
+    files = [*sorted((ROOT / "ctr_ad" / "ingest").glob("*.py")),
+             ROOT / "ctr_ad" / "features.py", ROOT / "ctr_ad" / "schema.py"]
+    for f in files:
+        h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def warm_page_cache(path: Path) -> None:
+    """Read the file once so every measured run (ours and the baseline alike) sees a warm cache."""
+    with open(path, "rb") as fh:
+        while fh.read(1 << 24):
+            pass
+
+
+def command(cfg: Config, input_path: Path, out: Path) -> list[str]:
+    if cfg.kind == "ours":
+        return [sys.executable, "-m", "ctr_ad.cli", "ingest", "--source", "criteo",
+                "--input", str(input_path), "--out", str(out), "--workers", str(cfg.workers), "--quiet"]
+    return [sys.executable, str(Path(__file__).resolve()), "--baseline", "--input", str(input_path),
+            "--out", str(out)]
+
+
+def check_equivalence(ours: Path, base: Path) -> dict[str, Any]:
+    """Compare the two tools' train splits column by column: proof the baseline does the same work."""
+    import numpy as np
+    import pyarrow.parquet as pq
+
+    a = pq.read_table(ours / "train.parquet")
+    b = pq.read_table(base / "train.parquet")
+    mismatched: list[str] = []
+    max_dense_diff = 0.0
+    for name in a.column_names:
+        if name not in b.column_names:
+            mismatched.append(name)
+            continue
+        x = a.column(name).to_numpy()
+        y = b.column(name).to_numpy()
+        if name in CRITEO_CATEGORICAL or name.endswith("__missing") or name == CRITEO_LABEL:
+            if not np.array_equal(x, y):
+                mismatched.append(name)
+        else:  # ours accumulates moments in a stream, pandas in one pass: allow float32 rounding noise
+            diff = float(np.max(np.abs(x.astype(np.float64) - y.astype(np.float64)))) if len(x) else 0.0
+            max_dense_diff = max(max_dense_diff, diff)
+            if diff > 1e-3:
+                mismatched.append(name)
+    return {"rows_ours": a.num_rows, "rows_baseline": b.num_rows, "columns_compared": a.num_columns,
+            "mismatched_columns": mismatched, "max_abs_dense_diff": max_dense_diff,
+            "equivalent": a.num_rows == b.num_rows and not mismatched}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--rows-main", type=int, default=None,
+                   help="rows of the ours-vs-baseline file (default 2,000,000; 50,000 with --quick)")
+    p.add_argument("--rows-flat", type=int, nargs=2, default=None, metavar=("SMALL", "LARGE"),
+                   help="two sizes at which ours' peak RSS is compared, for memory flatness "
+                        "(default 1,000,000 5,000,000; 20,000 100,000 with --quick)")
+    p.add_argument("--quick", action="store_true",
+                   help="smoke run: 50k/20k/100k rows, 1 repeat, results to the work dir")
+    p.add_argument("--repeats", type=int, default=None,
+                   help="runs per configuration (default 3; 1 with --quick)")
+    p.add_argument("--workers-alt", type=int, default=2, help="extra run of ours with this many workers")
+    p.add_argument("--seed", type=int, default=SEED)
+    p.add_argument("--work-dir", type=Path, default=DEFAULT_WORK)
+    p.add_argument("--results", type=Path, default=None,
+                   help=f"JSON output (default {DEFAULT_RESULTS.relative_to(ROOT)}; work dir with --quick)")
+    p.add_argument("--timeout", type=float, default=1800.0, help="seconds before a single run is killed")
+    p.add_argument("--check", action="store_true", help="exit 1 when a target is missed (for CI)")
+    # Internal: run the pandas baseline in this process (the driver starts it as a subprocess).
+    p.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--input", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.rows_main is None:
+        args.rows_main = 50_000 if args.quick else 2_000_000
+    if args.rows_flat is None:
+        args.rows_flat = [20_000, 100_000] if args.quick else [1_000_000, 5_000_000]
+    if args.repeats is None:
+        args.repeats = 1 if args.quick else 3
+    if args.results is None:
+        args.results = args.work_dir / "ingest-quick.json" if args.quick else DEFAULT_RESULTS
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.baseline:
+        if args.input is None or args.out is None:
+            raise SystemExit("--baseline needs --input and --out")
+        print(json.dumps(run_baseline(args.input, args.out)))
+        return 0
+
+    sys.path.insert(0, str(BENCH_DIR))  # `common` sits beside this script
+    sys.path.insert(0, str(ROOT))  # ctr_ad for data generation when not installed
+    from common import MIB, format_table, machine_info, run_measured, utc_timestamp, write_json
+
+    started = utc_timestamp()
+    code_before = source_fingerprint()
+    work: Path = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    small, large = args.rows_flat
+    inputs = {n: dataset(work, n, args.seed) for n in sorted({args.rows_main, small, large})}
+    for path in inputs.values():
+        warm_page_cache(path)
+
+    main_n = args.rows_main
+    configs = [
+        Config(f"ours-w1-{main_n}", "ours", main_n, 1),
+        Config(f"baseline-{main_n}", "baseline", main_n),
+        Config(f"ours-w{args.workers_alt}-{main_n}", "ours", main_n, args.workers_alt),
+        Config(f"ours-w1-{small}", "ours", small, 1),
+        Config(f"ours-w1-{large}", "ours", large, 1),
+    ]
+    # The same size may serve both roles (e.g. --rows-main equal to a flatness size): measure it once.
+    unique: dict[str, Config] = {}
+    for cfg in configs:
+        unique.setdefault(cfg.name, cfg)
+    configs = list(unique.values())
+    ours_main, base_main, ours_alt = configs[0], configs[1], configs[2]
+    ours_small, ours_large = unique[f"ours-w1-{small}"], unique[f"ours-w1-{large}"]
+
+    equivalence: dict[str, Any] | None = None
+    fingerprints: dict[str, set[str]] = {}
+    baseline_summary: dict[str, Any] | None = None
+    for rep in range(args.repeats):
+        for cfg in configs:
+            out = cfg.out_dir(work)
+            shutil.rmtree(out, ignore_errors=True)  # outside the timed region
+            m = run_measured(command(cfg, inputs[cfg.rows], out), cwd=ROOT, timeout_s=args.timeout)
+            if m.returncode != 0:
+                print(m.stdout + m.stderr, file=sys.stderr)
+                raise SystemExit(f"[bench] {cfg.name} failed with exit code {m.returncode}")
+            cfg.walls.append(m.wall_s)
+            cfg.rss.append(m.peak_rss_bytes)
+            run = m.summary()
+            if cfg.kind == "ours":
+                manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
+                run["internal_elapsed_s"] = manifest["run"]["elapsed_s"]
+                fingerprints.setdefault(str(cfg.rows), set()).add(manifest["fingerprint"])
+            else:
+                baseline_summary = json.loads(m.stdout.strip().splitlines()[-1])
+            cfg.runs.append(run)
+            print(f"[bench] repeat {rep + 1}/{args.repeats} {cfg.name:<22} {m.wall_s:7.1f}s "
+                  f"{m.peak_rss_bytes / MIB:8.0f} MiB", file=sys.stderr, flush=True)
+        if equivalence is None:
+            equivalence = check_equivalence(ours_main.out_dir(work), base_main.out_dir(work))
+
+    speedup = ours_main.rows_per_s() / base_main.rows_per_s()
+    speedup_alt = ours_alt.rows_per_s() / base_main.rows_per_s()
+    memory_ratio = ours_main.median_rss() / base_main.median_rss()
+    flatness = ours_large.median_rss() / ours_small.median_rss()
+    targets = [
+        {"name": "throughput",
+         "description": f"ours (workers=1) rows/s >= {TARGET_SPEEDUP:g} x baseline rows/s",
+         "value": round(speedup, 3), "target": TARGET_SPEEDUP, "met": speedup >= TARGET_SPEEDUP},
+        {"name": "peak_memory", "description": "ours (workers=1) peak RSS <= 1/3 of baseline peak RSS",
+         "value": round(memory_ratio, 3), "target": round(TARGET_MEMORY_RATIO, 4),
+         "met": memory_ratio <= TARGET_MEMORY_RATIO},
+        {"name": "memory_flatness",
+         "description": f"ours peak RSS at {large} rows <= {TARGET_FLATNESS:g} x at {small} rows",
+         "value": round(flatness, 3), "target": TARGET_FLATNESS, "met": flatness <= TARGET_FLATNESS},
+    ]
+    result = {
+        "benchmark": "ingest",
+        "started_at": started,
+        "finished_at": utc_timestamp(),
+        "machine": machine_info(["polars", "pandas", "pyarrow", "numpy", "psutil"]),
+        "settings": {"rows_main": main_n, "rows_flat": [small, large], "repeats": args.repeats,
+                     "seed": args.seed, "quick": args.quick, "workers_alt": args.workers_alt,
+                     "rss": "peak of the summed RSS of the process tree, sampled every 20 ms "
+                            "(or a single process's kernel high-water mark VmHWM if higher)",
+                     "wall": "whole process: interpreter start-up, imports, ingest, exit"},
+        "configs": {c.name: {"kind": c.kind, "rows": c.rows, "workers": c.workers,
+                             "median_wall_s": round(c.median_wall(), 3),
+                             "rows_per_s": round(c.rows_per_s(), 1),
+                             "median_peak_rss_mib": round(c.median_rss() / MIB, 1),
+                             "runs": c.runs} for c in configs},
+        "ratios": {"throughput_ours_w1_over_baseline": round(speedup, 3),
+                   f"throughput_ours_w{args.workers_alt}_over_baseline": round(speedup_alt, 3),
+                   "peak_rss_ours_w1_over_baseline": round(memory_ratio, 3),
+                   f"peak_rss_ours_w{args.workers_alt}_over_baseline":
+                       round(ours_alt.median_rss() / base_main.median_rss(), 3),
+                   f"peak_rss_ours_{large}_over_{small}": round(flatness, 3)},
+        "targets": targets,
+        "checks": {"train_split_equivalent_to_baseline": equivalence,
+                   "baseline_summary": baseline_summary,
+                   # The pipeline promises byte-identical outputs for any worker count.
+                   "ours_fingerprint_identical_across_runs_and_workers":
+                       {rows: len(fps) == 1 for rows, fps in fingerprints.items()}},
+    }
+    code_after = source_fingerprint()
+    if code_after != code_before:  # someone edited the pipeline mid-run: the numbers mix two versions
+        print("[bench] WARNING: ctr_ad ingest sources changed during the run", file=sys.stderr)
+    result["settings"]["ours_source_sha256"] = code_before
+    result["settings"]["ours_source_changed_during_run"] = code_after != code_before
+    write_json(args.results, result)
+
+    rows = [[c.name, c.rows, c.workers if c.kind == "ours" else "-", c.median_wall(), c.rows_per_s(),
+             c.median_rss() / MIB] for c in configs]
+    print(format_table(["config", "rows", "workers", "wall s (median)", "rows/s", "peak RSS MiB"], rows))
+    print()
+    print(format_table(["target", "value", "target", "met"],
+                       [[t["name"], t["value"], ("<= " if t["name"] != "throughput" else ">= ")
+                         + f"{t['target']:g}", "yes" if t["met"] else "NO"] for t in targets]))
+    print(f"\nworkers={args.workers_alt}: {speedup_alt:.2f}x baseline rows/s; "
+          f"train split equivalent to baseline: {equivalence and equivalence['equivalent']}")
+    print(f"results: {args.results}")
+    return 1 if args.check and not all(t["met"] for t in targets) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import io
 import itertools
+import os
 import statistics
 import sys
 import time
@@ -255,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
         "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
         "machine": machine_info(["torch", "numpy", "deepctr-torch"]),
         "torch_threads": torch.get_num_threads(),
+        # Other work on the machine skews absolute numbers; ratios measured in the same run much less.
+        "load_average_1_5_15": list(os.getloadavg()),
         "model": {"embedding_dim": EMBEDDING_DIM, "mlp": MLP, "n_dense": N_DENSE,
                   "fields": len(CARDINALITIES), "embedding_rows_per_component": sum(CARDINALITIES),
                   "embedding_optimizer": cfg.train.embedding_optimizer, "amp_bf16": device.type == "cuda"},

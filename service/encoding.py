@@ -1,0 +1,284 @@
+"""Request bodies -> validated raw instances -> model-ready arrays.
+
+Validation: a pydantic model generated from the bundle's raw field names (dense fields: a finite
+JSON number or null; categorical fields: a string, an integer or null; unknown names rejected),
+parsed and validated in one pass by pydantic-core straight from the request bytes. Its errors are
+rewritten into :class:`ApiError` with a readable path (``instances[3].I7``) and the status codes the
+API documents: 400 malformed JSON, 413 too many instances, 422 anything else.
+
+Encoding: :class:`RecordEncoder` is the numpy twin of ``FeatureProcessor.transform`` for a few JSON
+records. ``transform`` builds polars frames and expressions, which costs milliseconds per request
+— more than the model's forward pass for one instance (benchmarks/README-serve.md) — so the
+service reads the *same fitted state* (vocabularies, dense statistics, reserved indices) from the
+bundle's FeatureProcessor and applies the same formulas with numpy. ``tests/test_service.py`` checks
+that both give identical arrays on every Criteo 8k row, and the served predictions against
+``ctr-ad predict``; a dense transform this module does not know falls back to ``transform`` itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Any
+
+import numpy as np
+import polars as pl
+import pydantic
+from pydantic import AfterValidator, ConfigDict, Field, StrictInt, StrictStr, create_model
+
+from ctr_ad import features as feat
+from ctr_ad.schema import SOURCES
+
+MAX_ERRORS = 50
+_NUMPY_TRANSFORMS = ("log1p", "standard")
+
+
+@dataclass
+class ApiError(Exception):
+    """A client error with the HTTP status and the error list the API returns."""
+
+    status: int
+    errors: list[dict[str, Any]]
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def body(self) -> dict[str, Any]:
+        return {"detail": self.errors, **self.extra}
+
+
+def error_item(loc: list[str | int], msg: str, kind: str) -> dict[str, Any]:
+    return {"loc": ["body", *loc], "path": path_string(loc), "msg": msg, "type": kind}
+
+
+def path_string(loc: list[str | int] | tuple[str | int, ...]) -> str:
+    """("instances", 3, "I7") -> "instances[3].I7"."""
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += f".{part}" if out else str(part)
+    return out or "<body>"
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+# ------------------------------------------------------------------------------------------ validation
+# A dense value: a finite JSON number or null (booleans and numeric strings are type errors, so a
+# client bug shows up as an error, not as a silently converted value).
+Dense = Annotated[float | None, Field(strict=True, allow_inf_nan=False)]
+# A categorical value: a string or null; integers are accepted and written in decimal, which is how
+# integer-coded IDs (Avazu's C14..C21) appear in the raw logs.
+Categorical = StrictStr | Annotated[StrictInt, AfterValidator(str)] | None
+
+
+@dataclass(frozen=True)
+class ParsedBatch:
+    """Validated instances: one tuple per instance, values in ``fields`` order (None = missing)."""
+
+    fields: tuple[str, ...]
+    rows: list[tuple[Any, ...]]
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def column(self, j: int) -> tuple[Any, ...]:
+        return tuple(r[j] for r in self.rows)
+
+
+class RequestParser:
+    """Parses ``{"instances": [...]}`` for one bundle's raw fields."""
+
+    def __init__(self, processor: feat.FeatureProcessor, max_instances: int) -> None:
+        self.dense = tuple(processor.dense)
+        self.categorical = tuple(processor.categorical)
+        self.fields = (*self.dense, *self.categorical)
+        self.max_instances = int(max_instances)
+        spec = SOURCES.get(processor.source)
+        # Criteo's I1..I13 are integers in the raw logs; the reader quarantines 3.5, so do we.
+        self.integer_dense = bool(spec and spec.integer_dense)
+        definitions: dict[str, Any] = {f: (Dense, None) for f in self.dense}
+        definitions.update({f: (Categorical, None) for f in self.categorical})
+        self.instance_model = create_model(  # type: ignore[call-overload]
+            "Instance",
+            __config__=ConfigDict(extra="forbid", title="Instance"),
+            **definitions,
+        )
+        self.request_model = create_model(  # type: ignore[call-overload]
+            "PredictRequest",
+            __config__=ConfigDict(extra="forbid", title="PredictRequest"),
+            instances=(
+                Annotated[list[self.instance_model], Field(min_length=1, max_length=self.max_instances)],
+                ...,
+            ),
+        )
+        self._adapter = pydantic.TypeAdapter(self.request_model)
+
+    def json_schema(self) -> dict[str, Any]:
+        """Self-contained JSON schema of the request body (no $refs), for the OpenAPI document."""
+        schema = self.request_model.model_json_schema()
+        defs = schema.pop("$defs", {})
+        items = schema["properties"]["instances"]["items"]
+        ref = items.get("$ref", "")
+        if ref:
+            schema["properties"]["instances"]["items"] = defs[ref.rsplit("/", 1)[-1]]
+        return schema
+
+    def parse(self, body: bytes) -> ParsedBatch:
+        try:
+            request = self._adapter.validate_json(body)
+        except pydantic.ValidationError as exc:
+            raise self._api_error(exc) from None
+        # __dict__ of a validated model holds every declared field in declaration order.
+        rows = [tuple(inst.__dict__.values()) for inst in request.instances]
+        if self.integer_dense and self.dense and rows:
+            self._check_integers(rows)
+        return ParsedBatch(self.fields, rows)
+
+    def _check_integers(self, rows: list[tuple[Any, ...]]) -> None:
+        n_dense = len(self.dense)
+        values = np.array([r[:n_dense] for r in rows], dtype=np.float64)
+        bad = ~np.isnan(values) & (values != np.floor(values))
+        if bad.any():
+            errors = []
+            for i, j in zip(*np.nonzero(bad)):
+                if len(errors) >= MAX_ERRORS:
+                    break
+                loc: list[str | int] = ["instances", int(i), self.dense[j]]
+                errors.append(error_item(loc, f"expected an integer or null, got {float(values[i, j])!r}", "int_type"))
+            raise ApiError(422, errors)
+
+    def _api_error(self, exc: pydantic.ValidationError) -> ApiError:
+        raw = exc.errors(include_url=False)
+        first = raw[0] if raw else {"type": "", "loc": ()}
+        if first["type"] == "json_invalid":
+            msg = f"malformed JSON: {first['msg'].removeprefix('Invalid JSON: ')}"
+            return ApiError(400, [error_item([], msg, "json_invalid")])
+        for err in raw:
+            if err["type"] == "too_long" and tuple(err["loc"]) == ("instances",):
+                n = len(err["input"]) if isinstance(err.get("input"), list) else "more"
+                msg = f"too many instances: {n} in one request, the limit is {self.max_instances}"
+                return ApiError(413, [error_item(["instances"], msg, "too_many_instances")])
+        errors: list[dict[str, Any]] = []
+        seen: set[tuple[Any, ...]] = set()
+        unknown: set[str] = set()
+        for err in raw:
+            loc = list(err["loc"])
+            kind = err["type"]
+            if len(loc) >= 3 and loc[0] == "instances" and isinstance(loc[1], int):
+                # Union branches add a tag ("str", "int", "function-after[...]"): cut it off.
+                loc = loc[:3]
+                name = str(loc[2])
+                if kind == "extra_forbidden":
+                    unknown.add(name)
+                    msg = f"unknown field {name!r}; this model's fields are {self._field_summary()}"
+                elif name in self.categorical:
+                    kind = "string_type"
+                    msg = f"expected a string (or an integer) or null, got {_short(err.get('input'))}"
+                else:
+                    kind = "number_type" if kind != "finite_number" else kind
+                    msg = f"expected a finite number or null, got {_short(err.get('input'))}"
+            elif loc == ["instances"] and kind == "too_short":
+                msg = "instances must hold at least one instance"
+            elif loc == ["instances"] and kind == "missing":
+                msg = "missing key 'instances' (a list of instances)"
+            elif loc == ["instances"]:
+                msg = f"'instances' must be a list of objects, got {_short(err.get('input'))}"
+            elif len(loc) == 2 and loc[0] == "instances":
+                msg = f"an instance must be a JSON object, got {_short(err.get('input'))}"
+            elif len(loc) == 1 and kind == "extra_forbidden":
+                msg = f"unknown key {loc[0]!r}; the body is {{\"instances\": [...]}}"
+            elif not loc:
+                msg = "the body must be a JSON object {\"instances\": [...]}"
+            else:
+                msg = err["msg"]
+            key = (*loc, kind)
+            if key in seen:
+                continue
+            seen.add(key)
+            if len(errors) < MAX_ERRORS:
+                errors.append(error_item(loc, msg, kind))
+        extra: dict[str, Any] = {"errors_total": len(seen)}
+        if unknown:
+            extra["unknown_fields"] = sorted(unknown)
+        return ApiError(422, errors, extra)
+
+    def _field_summary(self) -> str:
+        def span(names: tuple[str, ...]) -> str:
+            if len(names) > 4:
+                return f"{names[0]}..{names[-1]}"
+            return ", ".join(names)
+
+        parts = [span(group) for group in (self.dense, self.categorical) if group]
+        return " and ".join(parts) or "(none)"
+
+
+# ------------------------------------------------------------------------------------------ encoding
+class RecordEncoder:
+    """Validated instances -> (cat int64 [N, F], dense float32 [N, D]) as the bundle's model expects."""
+
+    def __init__(self, processor: feat.FeatureProcessor) -> None:
+        self.processor = processor
+        self.dense = list(processor.dense)
+        self.categorical = list(processor.categorical)
+        self.fast = processor.dense_transform in _NUMPY_TRANSFORMS
+        self._tables: list[dict[str, int]] = []
+        for f in self.categorical:
+            table = {v: i + feat.RESERVED for i, v in enumerate(processor.vocab[f])}
+            # The raw reader turns an empty field into a missing value; JSON "" means the same.
+            table[""] = feat.MISSING_INDEX
+            self._tables.append(table)
+        stats = [processor.dense_stats[f] for f in self.dense]
+        self._mean = np.array([s["mean"] for s in stats], dtype=np.float64)
+        self._std = np.array([s["std"] for s in stats], dtype=np.float64)
+        self._log1p = processor.dense_transform == "log1p"
+
+    def encode(self, batch: ParsedBatch) -> tuple[np.ndarray, np.ndarray]:
+        if not self.fast:
+            return self._encode_reference(batch)
+        n = len(batch)
+        n_dense = len(self.dense)
+        # One transpose in C: columns[j] holds field j of every instance.
+        columns = list(zip(*batch.rows)) if n else [() for _ in batch.fields]
+        cat = np.empty((n, len(self.categorical)), dtype=np.int64)
+        missing, oov = feat.MISSING_INDEX, feat.OOV_INDEX
+        for j, table in enumerate(self._tables):
+            get = table.get
+            cat[:, j] = [missing if v is None else get(v, oov) for v in columns[n_dense + j]]
+        dense = np.zeros((n, 2 * n_dense), dtype=np.float32)
+        if n_dense:
+            # None -> NaN in float64; NaN marks "missing" through the transform below.
+            x = np.array(columns[:n_dense], dtype=np.float64).T.reshape(n, n_dense)
+            is_missing = np.isnan(x)
+            base = np.log1p(np.maximum(x, 0.0)) if self._log1p else x
+            z = (base - self._mean) / self._std
+            z[is_missing] = 0.0
+            dense[:, :n_dense] = z
+            dense[:, n_dense:] = is_missing
+            if not np.isfinite(dense).all():
+                self._raise_non_finite(dense)
+        return cat, dense
+
+    def _raise_non_finite(self, dense: np.ndarray) -> None:
+        # Only a value beyond float32 after standardising gets here (e.g. 1e300 with the
+        # "standard" transform): the number was valid JSON but no model input can hold it.
+        i, j = (int(v[0]) for v in np.nonzero(~np.isfinite(dense)))
+        loc: list[str | int] = ["instances", i, self.dense[j % len(self.dense)]]
+        raise ApiError(422, [error_item(loc, "value out of range after the feature transform", "out_of_range")])
+
+    def raw_frame(self, batch: ParsedBatch) -> pl.DataFrame:
+        """The instances as a raw frame like ``ctr_ad.ingest.reader`` produces (Float64 / Utf8)."""
+        n_dense = len(self.dense)
+        cols = []
+        for j, name in enumerate(batch.fields):
+            values = batch.column(j)
+            if j < n_dense:
+                cols.append(pl.Series(name, values, dtype=pl.Float64))
+            else:
+                cols.append(pl.Series(name, [None if v == "" else v for v in values], dtype=pl.Utf8))
+        return pl.DataFrame(cols)
+
+    def _encode_reference(self, batch: ParsedBatch) -> tuple[np.ndarray, np.ndarray]:
+        """``FeatureProcessor.transform`` itself (for transforms without a numpy twin here)."""
+        return feat.as_numpy(self.processor.transform(self.raw_frame(batch)), self.processor)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,13 +173,48 @@ class FeatureProcessor:
         return [*self.dense, *self.categorical]
 
     # ----------------------------------------------------------------------------- transform
-    def _index_small(self, f: str, values: pl.Series) -> pl.Series:
+    def _table(self, f: str) -> dict[str, int]:
         table = self._lookup.get(f)
         if table is None:
             table = {v: i + RESERVED for i, v in enumerate(self.vocab[f])}
+            table[""] = MISSING_INDEX  # an empty field is a missing value, as in the raw reader
             self._lookup[f] = table
-        idx = [MISSING_INDEX if v is None else table.get(v, OOV_INDEX) for v in values.to_list()]
-        return pl.Series(f, idx, dtype=pl.Int32)
+        return table
+
+    def encode_columns(
+        self, dense: Sequence[Sequence[float | None]], categorical: Sequence[Sequence[str | None]]
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The transform for a few rows given as columns (``self.dense`` then ``self.categorical``
+        order, None = missing): ``(cat int64 [N, F], dense float32 [N, 2·D])`` in model order.
+
+        Same formulas as the vectorized path of :meth:`transform` (tests check they agree on every
+        real sample row); this one avoids building frames, which costs more than a model's forward
+        pass for one request. The service and the small-batch path of ``transform`` use it.
+        """
+        n = len(categorical[0]) if categorical else (len(dense[0]) if dense else 0)
+        cat = np.empty((n, len(self.categorical)), dtype=np.int64)
+        for j, f in enumerate(self.categorical):
+            get = self._table(f).get
+            cat[:, j] = [MISSING_INDEX if v is None else get(v, OOV_INDEX) for v in categorical[j]]
+        n_dense = len(self.dense)
+        out = np.zeros((n, 2 * n_dense), dtype=np.float32)
+        if n_dense and n:
+            # None -> NaN in float64; NaN marks "missing" through the transform.
+            x = np.array(dense, dtype=np.float64).reshape(n_dense, n).T
+            is_missing = np.isnan(x)
+            if self.dense_transform == "log1p":
+                base = np.log1p(np.maximum(x, 0.0))
+            elif self.dense_transform == "standard":
+                base = x
+            else:
+                raise ValueError(f"unknown dense transform {self.dense_transform!r}")
+            mean = np.array([self.dense_stats[f]["mean"] for f in self.dense])
+            std = np.array([self.dense_stats[f]["std"] for f in self.dense])
+            z = (base - mean) / std
+            z[is_missing] = 0.0
+            out[:, :n_dense] = z
+            out[:, n_dense:] = is_missing
+        return cat, out
 
     def _index_large(self, f: str, values: pl.Series) -> pl.Series:
         # An Enum over the vocabulary maps a value to its position in one vectorized cast; values
@@ -201,13 +237,14 @@ class FeatureProcessor:
         Output: ``label`` (Float32, when the input has one), one Int32 index column per categorical
         field, then Float32 dense columns and their ``__missing`` indicators.
         """
-        small = raw.height <= SMALL_BATCH_ROWS
+        if raw.height <= SMALL_BATCH_ROWS:
+            return self._transform_small(raw)
         cols: list[pl.Series] = []
         if "label" in raw.columns:
             cols.append(raw.get_column("label").cast(pl.Float32))
         for f in self.categorical:
             values = raw.get_column(f) if f in raw.columns else pl.Series(f, [None] * raw.height, pl.Utf8)
-            cols.append(self._index_small(f, values) if small else self._index_large(f, values))
+            cols.append(self._index_large(f, values))
         out = pl.DataFrame(cols) if cols else pl.DataFrame()
         dense_exprs: list[pl.Expr] = []
         missing_exprs: list[pl.Expr] = []
@@ -221,6 +258,20 @@ class FeatureProcessor:
             dense = raw.select(dense_exprs + missing_exprs) if raw.width else pl.DataFrame()
             out = pl.concat([out, dense], how="horizontal") if out.width else dense
         return out
+
+    def _transform_small(self, raw: pl.DataFrame) -> pl.DataFrame:
+        n = raw.height
+
+        def column(f: str) -> list:
+            return raw.get_column(f).to_list() if f in raw.columns else [None] * n
+
+        cat, dense = self.encode_columns([column(f) for f in self.dense], [column(f) for f in self.categorical])
+        cols: list[pl.Series] = []
+        if "label" in raw.columns:
+            cols.append(raw.get_column("label").cast(pl.Float32))
+        cols += [pl.Series(f, cat[:, j], dtype=pl.Int32) for j, f in enumerate(self.categorical)]
+        cols += [pl.Series(f, dense[:, j], dtype=pl.Float32) for j, f in enumerate(self.dense_columns)]
+        return pl.DataFrame(cols, height=n)
 
     # ----------------------------------------------------------------------------- persistence
     def to_dict(self) -> dict[str, Any]:

@@ -216,48 +216,27 @@ class RequestParser:
 
 # ------------------------------------------------------------------------------------------ encoding
 class RecordEncoder:
-    """Validated instances -> (cat int64 [N, F], dense float32 [N, D]) as the bundle's model expects."""
+    """Validated instances -> (cat int64 [N, F], dense float32 [N, D]) as the bundle's model expects.
+
+    The encoding itself is ``FeatureProcessor.encode_columns``: the one transform, defined in
+    ``ctr_ad.features``, that the small-batch path of ``FeatureProcessor.transform`` uses too.
+    """
 
     def __init__(self, processor: feat.FeatureProcessor) -> None:
         self.processor = processor
         self.dense = list(processor.dense)
         self.categorical = list(processor.categorical)
         self.fast = processor.dense_transform in _NUMPY_TRANSFORMS
-        self._tables: list[dict[str, int]] = []
-        for f in self.categorical:
-            table = {v: i + feat.RESERVED for i, v in enumerate(processor.vocab[f])}
-            # The raw reader turns an empty field into a missing value; JSON "" means the same.
-            table[""] = feat.MISSING_INDEX
-            self._tables.append(table)
-        stats = [processor.dense_stats[f] for f in self.dense]
-        self._mean = np.array([s["mean"] for s in stats], dtype=np.float64)
-        self._std = np.array([s["std"] for s in stats], dtype=np.float64)
-        self._log1p = processor.dense_transform == "log1p"
 
     def encode(self, batch: ParsedBatch) -> tuple[np.ndarray, np.ndarray]:
         if not self.fast:
             return self._encode_reference(batch)
-        n = len(batch)
         n_dense = len(self.dense)
         # One transpose in C: columns[j] holds field j of every instance.
-        columns = list(zip(*batch.rows)) if n else [() for _ in batch.fields]
-        cat = np.empty((n, len(self.categorical)), dtype=np.int64)
-        missing, oov = feat.MISSING_INDEX, feat.OOV_INDEX
-        for j, table in enumerate(self._tables):
-            get = table.get
-            cat[:, j] = [missing if v is None else get(v, oov) for v in columns[n_dense + j]]
-        dense = np.zeros((n, 2 * n_dense), dtype=np.float32)
-        if n_dense:
-            # None -> NaN in float64; NaN marks "missing" through the transform below.
-            x = np.array(columns[:n_dense], dtype=np.float64).T.reshape(n, n_dense)
-            is_missing = np.isnan(x)
-            base = np.log1p(np.maximum(x, 0.0)) if self._log1p else x
-            z = (base - self._mean) / self._std
-            z[is_missing] = 0.0
-            dense[:, :n_dense] = z
-            dense[:, n_dense:] = is_missing
-            if not np.isfinite(dense).all():
-                self._raise_non_finite(dense)
+        columns = list(zip(*batch.rows)) if len(batch) else [() for _ in batch.fields]
+        cat, dense = self.processor.encode_columns(columns[:n_dense], columns[n_dense:])
+        if n_dense and not np.isfinite(dense).all():
+            self._raise_non_finite(dense)
         return cat, dense
 
     def _raise_non_finite(self, dense: np.ndarray) -> None:

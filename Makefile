@@ -17,10 +17,7 @@ $(VENV)/.installed: pyproject.toml
 venv: $(VENV)/.installed
 
 demo: venv
-	$(PY) -m ctr_ad.cli ingest --source criteo --split files --out runs/demo/criteo-8k \
-		--input data/criteo-kaggle-8k/train.tsv data/criteo-kaggle-8k/dev.tsv data/criteo-kaggle-8k/test.tsv
-	$(PY) -m ctr_ad.cli synth --rows 300000 --seed 1 --out runs/demo/synthetic-300k.tsv.gz
-	$(PY) -m ctr_ad.cli ingest --source synthetic --input runs/demo/synthetic-300k.tsv.gz --out runs/demo/synthetic-300k
+	$(PY) -m ctr_ad.cli pipeline run pipelines/demo.yaml
 
 test: venv
 	$(VENV)/bin/ruff check .

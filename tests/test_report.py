@@ -1,0 +1,141 @@
+"""The HTML report: every image embedded as a PNG data URI, every table filled, readable by a browser."""
+
+from __future__ import annotations
+
+import base64
+import math
+import subprocess
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ctr_ad.experiment import load_experiment_config, run_experiment
+from ctr_ad.ingest.pipeline import run_ingest
+from ctr_ad.report import frequency_buckets, pareto_front, verdict, write_report
+
+ROOT = Path(__file__).resolve().parents[1]
+CRITEO = [ROOT / "data" / "criteo-kaggle-8k" / f"{s}.tsv" for s in ("train", "dev", "test")]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+CONFIG = {
+    "training": {
+        "model": {"components": 2, "embedding_dim": 4, "mlp": [8]},
+        "train": {"batch_size": 512, "epochs": 1, "early_stopping_patience": None, "threads": 1, "device": "cpu"},
+    },
+    "replicas": 3,
+    "arms": [
+        {"name": "single", "set": {"model.components": 1}},
+        {"name": "plain-shared"},
+        {"name": "plain-indep", "set": {"anti_distillation.data_order": "independent"}},
+        {"name": "logreg", "kind": "logreg", "max_iter": 50},
+    ],
+    "grids": [{"name": "ad", "penalties": ["output_decorrelation"], "lambdas": [0.1, 1.0], "data_orders": ["shared"]}],
+}
+
+
+class _Collector(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.images: list[str] = []
+        self.cells: list[str] = []
+        self.tables = 0
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        if tag == "img":
+            self.images.append(dict(attrs).get("src") or "")
+        elif tag == "table":
+            self.tables += 1
+        elif tag in ("td", "th"):
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in ("td", "th") and self._cell is not None:
+            self.cells.append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("report")
+    run_ingest(CRITEO, "criteo", root / "data", split="files", quiet=True)
+    run_experiment(root / "data", load_experiment_config(CONFIG), root / "exp", say=lambda m: None)
+    return write_report(root / "exp")
+
+
+def test_every_image_is_an_embedded_png_and_every_cell_is_filled(report: Path) -> None:
+    parser = _Collector()
+    parser.feed(report.read_text())
+    assert len(parser.images) >= 7  # λ, trade-off, |p1−p2|, decile, frequency, calibration, correlation
+    for src in parser.images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1], validate=True).startswith(PNG_MAGIC)
+    assert parser.tables >= 6 and parser.cells
+    for cell in parser.cells:
+        assert cell, "empty table cell"
+        assert "nan" not in cell.lower().split(), cell
+    text = report.read_text()
+    assert "http://" not in text.replace("http://www.w3.org", "") and "<script" not in text  # self-contained
+    for section in ("Best arm", "Pareto front", "PD by prediction decile", "category frequency", "fingerprint"):
+        assert section in text
+    md = report.with_suffix(".md").read_text()
+    assert "| arm | role |" in md and "nan" not in md.lower().split()
+
+
+@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="no /usr/bin/chromium")
+def test_chromium_renders_the_report(report: Path, tmp_path: Path) -> None:
+    shot = tmp_path / "shot.png"
+    subprocess.run(
+        [
+            "/usr/bin/chromium",
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            f"--screenshot={shot}",
+            "--window-size=1400,2000",
+            report.as_uri(),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    assert shot.read_bytes().startswith(PNG_MAGIC)
+
+
+def test_pareto_front() -> None:
+    pts = {"a": (1.0, 5.0), "b": (2.0, 2.0), "c": (3.0, 1.0), "d": (3.0, 3.0), "e": (2.5, 2.0)}
+    assert pareto_front(pts) == ["a", "b", "c"]
+
+
+def test_verdict_against_the_goal() -> None:
+    def arm(role: str, logloss: float, pd_rel: float) -> dict:
+        return {
+            "role": role,
+            "accuracy": {"logloss": {"mean": logloss}, "auc": {"mean": 0.7}},
+            "pd": {"pd_rel": {"mean": pd_rel, "std": 0.01}},
+        }
+
+    results = {"baseline": "p", "arms": {"p": arm("plain", 0.45, 0.2), "a": arm("anti_distillation", 0.4505, 0.13)}}
+    v = verdict(results)
+    assert v["arm"] == "a" and v["met"] and v["pd_rel_ratio"] == pytest.approx(0.65)
+    assert not v["within_noise"]
+    results["arms"]["a"] = arm("anti_distillation", 0.46, 0.05)
+    assert not verdict(results)["met"]
+
+
+def test_frequency_buckets(report: Path) -> None:
+    data_dir = report.parent.parent / "data"
+    buckets, labels = frequency_buckets(data_dir)
+    assert len(labels) == 5 and buckets.min() >= 0 and buckets.max() < 5
+    assert np.bincount(buckets).sum() == len(buckets) and not math.isnan(float(buckets.mean()))
+
+
+def test_report_command_needs_results(tmp_path: Path) -> None:
+    from ctr_ad.cli import main
+
+    assert main(["report", str(tmp_path)]) == 2

@@ -56,7 +56,7 @@ class CategoryCounter:
         for f, part in counts.items():
             self._parts[f].append(part.cast({"count": pl.Int64}))
             self._rows[f] += part.height
-            if len(self._parts[f]) >= 16:
+            if len(self._parts[f]) >= 4:
                 self._parts[f] = [self._merged(f)]
                 self._rows[f] = self._parts[f][0].height
 

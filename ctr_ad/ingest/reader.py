@@ -22,7 +22,7 @@ import polars as pl
 from ctr_ad.errors import UserError
 from ctr_ad.schema import SourceSpec, get_source
 
-DEFAULT_BLOCK_BYTES = 32 * 1024 * 1024
+DEFAULT_BLOCK_BYTES = 16 * 1024 * 1024
 RAW_PREVIEW_CHARS = 2000
 GZIP_MAGIC = b"\x1f\x8b"
 

@@ -32,7 +32,6 @@ bundle can be shared by threads: prediction does not mutate it.
 from __future__ import annotations
 
 import datetime as _dt
-import hashlib
 import json
 import shutil
 from collections.abc import Sequence
@@ -50,6 +49,7 @@ from safetensors.torch import load_file, save_file
 import ctr_ad
 from ctr_ad.config import Config
 from ctr_ad.errors import UserError
+from ctr_ad.hashing import sha256_file
 from ctr_ad.model import EnsembleCTR, ensemble_probability
 
 BUNDLE_FORMAT = 1
@@ -75,14 +75,6 @@ class Prediction:
 
     def to_dict(self) -> dict[str, np.ndarray]:
         return {"ctr": self.ctr, "components": self.components, "component_std": self.component_std}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def save(
@@ -117,7 +109,7 @@ def save(
         **metadata,
     }
     (tmp / METADATA).write_text(json.dumps(meta, indent=1, sort_keys=True))
-    lines = [f"{_sha256(tmp / name)}  {name}\n" for name in CHECKED_FILES]
+    lines = [f"{sha256_file(tmp / name)}  {name}\n" for name in CHECKED_FILES]
     (tmp / CHECKSUMS).write_text("".join(lines))
     if bundle_dir.exists():
         old = bundle_dir.with_name(bundle_dir.name + ".old")
@@ -247,7 +239,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     except (SafetensorError, OSError, ValueError) as exc:
         raise BundleError(f"{weights_path}: weights file is truncated or corrupt ({exc})") from None
     for name in CHECKED_FILES:
-        if _sha256(bundle_dir / name) != sums[name]:
+        if sha256_file(bundle_dir / name) != sums[name]:
             raise BundleError(f"{bundle_dir / name}: checksum mismatch (file modified or corrupted)")
     try:
         metadata = json.loads((bundle_dir / METADATA).read_text())

@@ -121,10 +121,11 @@ class Config(_Section):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise UserError(f"{origin}: {_describe(exc)}") from None
+            raise UserError(f"{origin}: {describe_validation_error(exc)}") from None
 
 
-def _describe(exc: ValidationError) -> str:
+def describe_validation_error(exc: ValidationError) -> str:
+    """One line naming every bad key of a pydantic validation error (unknown keys included)."""
     parts = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "<root>"

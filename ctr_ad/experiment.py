@@ -54,6 +54,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ctr_ad import metrics as M
+from ctr_ad.config import describe_validation_error
 from ctr_ad.errors import UserError
 
 RESULTS = "results.json"
@@ -140,17 +141,6 @@ class ExperimentConfig(_Strict):
         return [*self.arms, *(a for g in self.grids for a in g.expand())]
 
 
-def _describe(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "<root>"
-        if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{key}'")
-        else:
-            parts.append(f"'{key}': {err['msg']}")
-    return "; ".join(parts)
-
-
 def load_experiment_config(source: str | Path | dict[str, Any], base_dir: Path | None = None) -> ExperimentConfig:
     """Validate an experiment config (a YAML path or a mapping); a relative ``training`` path is
     resolved against the file's directory (or ``base_dir``) and read, so the result is self-contained."""
@@ -173,7 +163,7 @@ def load_experiment_config(source: str | Path | dict[str, Any], base_dir: Path |
     try:
         cfg = ExperimentConfig.model_validate(data)
     except ValidationError as exc:
-        raise UserError(f"{origin}: {_describe(exc)}") from None
+        raise UserError(f"{origin}: {describe_validation_error(exc)}") from None
     if isinstance(cfg.training, str):
         tpath = Path(cfg.training)
         if not tpath.is_absolute():

@@ -43,6 +43,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 import ctr_ad
 from ctr_ad.errors import UserError
+from ctr_ad.hashing import sha256_file
 
 STATE = "pipeline-state.json"
 
@@ -115,11 +116,7 @@ def load_pipeline(path: str | Path) -> tuple[PipelineConfig, Path]:
 
 # --------------------------------------------------------------------------------------------- hashing/state
 def file_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+    return sha256_file(path)
 
 
 def obj_hash(obj: Any) -> str:

@@ -13,8 +13,9 @@ import torch
 import yaml
 from helpers_train import REPO, ingested_8k, small_config
 
-from ctr_ad.bundle import CHECKSUMS, BundleError, _sha256, load
+from ctr_ad.bundle import CHECKSUMS, BundleError, load
 from ctr_ad.cli import main as cli_main
+from ctr_ad.hashing import sha256_file
 from ctr_ad.model import ensemble_probability
 from ctr_ad.train import TrainResult, train
 
@@ -89,7 +90,7 @@ def test_refuses_weights_that_do_not_fit_the_config(trained: TrainResult, tmp_pa
     (b / "config.yaml").write_text(yaml.safe_dump(cfg))
     # Re-sign the files: the mismatch must be caught by the shape check, not by the checksum.
     sums = "".join(
-        f"{_sha256(b / n)}  {n}\n" for n in ("model.safetensors", "features.json", "config.yaml", "metadata.json")
+        f"{sha256_file(b / n)}  {n}\n" for n in ("model.safetensors", "features.json", "config.yaml", "metadata.json")
     )
     (b / CHECKSUMS).write_text(sums)
     with pytest.raises(BundleError, match=r"shape .* imply"):

@@ -41,6 +41,7 @@ import pyarrow.parquet as pq
 from ctr_ad import __version__
 from ctr_ad.errors import UserError
 from ctr_ad.features import CategoryCounter, DenseStats, FeatureProcessor
+from ctr_ad.hashing import sha256_file
 from ctr_ad.ingest.reader import (
     DEFAULT_BLOCK_BYTES,
     Layout,
@@ -164,14 +165,6 @@ def _ordered_map(fn: Callable, args: Iterable[tuple], pool: ProcessPoolExecutor 
             yield pending.pop(0).result()
     for fut in pending:
         yield fut.result()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def reason_kind(reason: str) -> str:

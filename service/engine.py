@@ -63,24 +63,23 @@ def _split(scores: Scores, sizes: list[int]) -> list[Scores]:
     return out
 
 
-class InferenceEngine:
-    def __init__(self, mode: str = "thread", max_batch_instances: int = 2048) -> None:
-        if mode not in ("thread", "inline"):
-            raise ValueError(f"inference mode {mode!r}: choose 'thread' or 'inline'")
-        self.mode = mode
-        self.max_batch = max(int(max_batch_instances), 1)
-        self._queue: deque[_Job] = deque()
+class _BackgroundThread:
+    """One daemon thread that consumes a queue guarded by ``_cv``; stop() wakes and joins it."""
+
+    thread_name = "ctr-ad-worker"
+
+    def __init__(self) -> None:
         self._cv = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self.batches = 0
-        self.batched_jobs = 0
 
-    def start(self) -> None:
-        if self.mode == "thread" and self._thread is None:
-            self._stopping = False  # an app may be started again after a shutdown (tests do)
-            self._thread = threading.Thread(target=self._run, name="ctr-ad-inference", daemon=True)
-            self._thread.start()
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _start_thread(self) -> None:
+        self._stopping = False  # an app may be started again after a shutdown (tests do)
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread.start()
 
     def stop(self) -> None:
         with self._cv:
@@ -89,6 +88,24 @@ class InferenceEngine:
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
+
+
+class InferenceEngine(_BackgroundThread):
+    thread_name = "ctr-ad-inference"
+
+    def __init__(self, mode: str = "thread", max_batch_instances: int = 2048) -> None:
+        super().__init__()
+        if mode not in ("thread", "inline"):
+            raise ValueError(f"inference mode {mode!r}: choose 'thread' or 'inline'")
+        self.mode = mode
+        self.max_batch = max(int(max_batch_instances), 1)
+        self._queue: deque[_Job] = deque()
+        self.batches = 0
+        self.batched_jobs = 0
+
+    def start(self) -> None:
+        if self.mode == "thread" and self._thread is None:
+            self._start_thread()
 
     async def score(self, slot: ModelSlot, cat: np.ndarray, dense: np.ndarray) -> Scores:
         if self.mode == "inline" or self._thread is None:
@@ -150,9 +167,12 @@ class _ShadowJob:
     p_primary: np.ndarray
 
 
-class ShadowScorer:
+class ShadowScorer(_BackgroundThread):
+    thread_name = "ctr-ad-shadow"
+
     def __init__(self, store: ModelStore, monitor: Monitor, queue_max: int, linger_ms: float,
                  max_batch_instances: int = 4096) -> None:
+        super().__init__()
         self.store = store
         self.monitor = monitor
         self.queue_max = max(int(queue_max), 1)
@@ -160,24 +180,11 @@ class ShadowScorer:
         self.max_batch = max_batch_instances
         self._queue: deque[_ShadowJob] = deque()
         self._queued_rows = 0
-        self._cv = threading.Condition()
-        self._stopping = False
-        self._thread: threading.Thread | None = None
         self.errors = 0
 
     def start(self) -> None:
         if self._thread is None:
-            self._stopping = False
-            self._thread = threading.Thread(target=self._run, name="ctr-ad-shadow", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        with self._cv:
-            self._stopping = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-            self._thread = None
+            self._start_thread()
 
     def submit(self, slot: ModelSlot, batch: ParsedBatch, cat: np.ndarray, dense: np.ndarray,
                p_primary: np.ndarray) -> None:

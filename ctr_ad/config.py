@@ -14,6 +14,7 @@ YAML layout (all sections optional, defaults below)::
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any, Literal
 
@@ -136,26 +137,33 @@ def describe_validation_error(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
+def set_dotted(data: dict[str, Any], dotted: dict[str, Any], origin: str = "override") -> dict[str, Any]:
+    """Apply {"section.key": value} overrides to a nested dict (in place; returns it)."""
+    for key, value in dotted.items():
+        parts = [p for p in key.strip().split(".") if p]
+        if not parts:
+            raise UserError(f"{origin} {key!r}: empty key")
+        node = data
+        for part in parts[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise UserError(f"{origin} {key!r}: '{part}' is not a section")
+            node = child
+        node[parts[-1]] = copy.deepcopy(value)
+    return data
+
+
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``section.key=value`` strings; values are parsed as YAML (``1e-3``, ``[64,32]``, ``null``)."""
     for item in overrides:
         if "=" not in item:
             raise UserError(f"--set {item!r}: expected key.sub=value")
         dotted, raw = item.split("=", 1)
-        keys = [k for k in dotted.strip().split(".") if k]
-        if not keys:
-            raise UserError(f"--set {item!r}: empty key")
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError as exc:
             raise UserError(f"--set {item!r}: value is not valid YAML ({exc})") from None
-        node = data
-        for key in keys[:-1]:
-            child = node.setdefault(key, {})
-            if not isinstance(child, dict):
-                raise UserError(f"--set {item!r}: '{key}' is not a section")
-            node = child
-        node[keys[-1]] = value
+        set_dotted(data, {dotted: value}, origin="--set")
     return data
 
 

@@ -54,7 +54,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from ctr_ad import metrics as M
-from ctr_ad.config import describe_validation_error
+from ctr_ad.config import describe_validation_error, set_dotted
 from ctr_ad.errors import UserError
 
 RESULTS = "results.json"
@@ -187,22 +187,6 @@ def _register_extra_penalties() -> None:
     except ModuleNotFoundError as exc:
         if exc.name != "ctr_ad.penalties_extra":
             raise
-
-
-def set_dotted(data: dict[str, Any], dotted: dict[str, Any]) -> dict[str, Any]:
-    """Apply {"section.key": value} overrides to a nested dict (in place; returns it)."""
-    for key, value in dotted.items():
-        parts = [p for p in key.split(".") if p]
-        if not parts:
-            raise UserError(f"override {key!r}: empty key")
-        node = data
-        for part in parts[:-1]:
-            child = node.setdefault(part, {})
-            if not isinstance(child, dict):
-                raise UserError(f"override {key!r}: '{part}' is not a section")
-            node = child
-        node[parts[-1]] = copy.deepcopy(value)
-    return data
 
 
 def arm_training_config(cfg: ExperimentConfig, arm: ArmSpec, replica: int) -> Any:

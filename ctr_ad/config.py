@@ -19,13 +19,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from ctr_ad.errors import UserError
+from ctr_ad.strict import StrictModel, describe_validation_error, load_yaml_mapping, validate_model
 
+__all__ = ["Config", "describe_validation_error", "load_config", "set_dotted"]
 
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+# Every section shares the one strict base (unknown keys are errors naming the key).
+_Section = StrictModel
 
 
 class ModelConfig(_Section):
@@ -119,22 +121,7 @@ class Config(_Section):
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], origin: str = "config") -> Config:
-        try:
-            return cls.model_validate(data)
-        except ValidationError as exc:
-            raise UserError(f"{origin}: {describe_validation_error(exc)}") from None
-
-
-def describe_validation_error(exc: ValidationError) -> str:
-    """One line naming every bad key of a pydantic validation error (unknown keys included)."""
-    parts = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "<root>"
-        if err["type"] == "extra_forbidden":
-            parts.append(f"unknown key '{key}'")
-        else:
-            parts.append(f"'{key}': {err['msg']} (got {err.get('input')!r})")
-    return "; ".join(parts)
+        return validate_model(cls, data, origin)
 
 
 def set_dotted(data: dict[str, Any], dotted: dict[str, Any], origin: str = "override") -> dict[str, Any]:
@@ -172,16 +159,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     data: dict[str, Any] = {}
     origin = "config"
     if path is not None:
-        path = Path(path)
         origin = str(path)
-        if not path.is_file():
-            raise UserError(f"{path}: config file not found")
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as exc:
-            raise UserError(f"{path}: not valid YAML ({exc})") from None
-        if loaded is not None and not isinstance(loaded, dict):
-            raise UserError(f"{path}: expected a mapping of sections at the top level")
-        data = loaded or {}
+        data = load_yaml_mapping(path, "config file")
     data = apply_overrides(data, overrides or [])
     return Config.from_dict(data, origin=origin)

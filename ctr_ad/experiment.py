@@ -37,6 +37,7 @@ import copy
 import datetime as _dt
 import hashlib
 import json
+import logging
 import math
 import os
 import platform
@@ -44,7 +45,7 @@ import shutil
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,6 +57,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from ctr_ad import metrics as M
 from ctr_ad.config import describe_validation_error, set_dotted
 from ctr_ad.errors import UserError
+
+logger = logging.getLogger(__name__)
 
 RESULTS = "results.json"
 DONE = "done.json"
@@ -235,17 +238,11 @@ def _load_test(data_dir: Path) -> tuple[pl.DataFrame, Any]:
 def _train_model_replica(data_dir: Path, config: dict[str, Any], run_dir: Path, device: str | None) -> np.ndarray:
     """Train one replica; return its test logits [K, N] (from the best evaluation's weights)."""
     from ctr_ad.config import Config
-    from ctr_ad.data import iter_eval_chunks, load_split
-    from ctr_ad.train import predict_logits, select_device, train
+    from ctr_ad.train import train
 
-    cfg = Config.from_dict(config)
-    result = train(data_dir, cfg, run_dir, device=device, progress=False, log=False)
-    features = _load_test(data_dir)[1]
-    test = load_split(data_dir / "test.parquet", features.categorical_columns, features.dense_columns)
-    chunks = iter_eval_chunks(test, features.categorical_columns, features.dense_columns, cfg.data.eval_batch_size)
-    dev = next(result.model.parameters()).device if device is None else select_device(device)
-    logits, _ = predict_logits(result.model, chunks, dev, cfg.train.amp)
-    return logits
+    result = train(data_dir, Config.from_dict(config), run_dir, device=device, progress=False, log=False)
+    assert result.test is not None  # run_experiment checked that the split exists
+    return result.test.logits
 
 
 def _one_hot(frame: pl.DataFrame, features: Any) -> Any:
@@ -511,7 +508,6 @@ def run_experiment(
     only: Sequence[str] | None = None,
     device: str | None = None,
     train_missing: bool = True,
-    say: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run (or resume) every arm × replica and write ``results.json``; returns the results.
 
@@ -519,10 +515,11 @@ def run_experiment(
     (e.g. after workers ran disjoint ``only`` subsets in parallel) and leaves the others out.
     """
     data_dir, exp_dir = Path(data_dir), Path(exp_dir)
-    say = say or (lambda msg: print(f"[experiment] {msg}", file=sys.stderr, flush=True))
     cfg = config if isinstance(config, ExperimentConfig) else load_experiment_config(config)
     if not (data_dir / "features.json").is_file():
         raise UserError(f"{data_dir}: not an ingested data directory (no features.json; run `ctr-ad ingest`)")
+    if not (data_dir / "test.parquet").is_file():
+        raise UserError(f"{data_dir / 'test.parquet'}: an experiment needs a labelled test split")
     arms = cfg.all_arms()
     if only:
         unknown = sorted(set(only) - {a.name for a in arms})
@@ -538,20 +535,20 @@ def run_experiment(
     for i, arm in enumerate(arms, 1):
         arm_t0 = time.perf_counter()
         if not train_missing and not all(_is_done(exp_dir, cfg, arm, r, data_dir) for r in range(cfg.replicas)):
-            say(f"arm {i}/{len(arms)} {arm.name}: unfinished replicas, left out")
+            logger.info(f"arm {i}/{len(arms)} {arm.name}: unfinished replicas, left out")
             continue
         for r in range(cfg.replicas):
             metrics, was_skipped = run_replica(data_dir, exp_dir, cfg, arm, r, device)
             skipped += was_skipped
             trained += not was_skipped
             state = "skipped (done)" if was_skipped else f"{metrics['wall_s']:.1f}s"
-            say(
+            logger.info(
                 f"arm {i}/{len(arms)} {arm.name}: replica {r + 1}/{cfg.replicas} {state}, "
                 f"test logloss {metrics['logloss']:.5f} auc {metrics['auc']:.4f}"
             )
         summaries[arm.name] = summarise_arm(exp_dir, cfg, arm)
         s = summaries[arm.name]
-        say(
+        logger.info(
             f"arm {i}/{len(arms)} {arm.name}: logloss {s['accuracy']['logloss']['mean']:.5f} "
             f"pd_rel {s['pd']['pd_rel']['mean']:.4f} ± {s['pd']['pd_rel']['std']:.4f} "
             f"({time.perf_counter() - arm_t0:.1f}s)"
@@ -568,7 +565,7 @@ def run_experiment(
     run = {"started_at": started_at, "wall_s": time.perf_counter() - t0, "trained": trained, "skipped": skipped}
     run["finished_at"] = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
     results = write_results(exp_dir, data_dir, cfg, summaries, run)
-    say(f"done: {trained} trained, {skipped} skipped, {run['wall_s']:.1f}s; best arm {results['best']}")
+    logger.info(f"done: {trained} trained, {skipped} skipped, {run['wall_s']:.1f}s; best arm {results['best']}")
     return results
 
 

@@ -98,6 +98,11 @@ class EnsembleCTR(nn.Module):
             sparse=sparse,
         )
 
+    def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
+        """The optimizer groups: ``dense`` (MLP weights and biases) and ``embedding`` (the one table,
+        whose gradient is sparse when the model was built with ``sparse=True``)."""
+        return {"dense": [*self.weights, *self.biases], "embedding": [self.embedding.weight]}
+
     @torch.no_grad()
     def reset_parameters(self, generator: torch.Generator | None = None) -> None:
         """Initialise from ``generator``: components are drawn one after another, so they differ.

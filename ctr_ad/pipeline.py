@@ -30,9 +30,9 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import shutil
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -44,6 +44,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 import ctr_ad
 from ctr_ad.errors import UserError
 from ctr_ad.hashing import sha256_file
+
+logger = logging.getLogger(__name__)
 
 STATE = "pipeline-state.json"
 
@@ -126,9 +128,8 @@ def obj_hash(obj: Any) -> str:
 class StepRunner:
     """Runs named steps, skipping those whose input hash matches the state file, and logs durations."""
 
-    def __init__(self, out: Path, say: Callable[[str], None]) -> None:
+    def __init__(self, out: Path) -> None:
         self.path = out / STATE
-        self.say = say
         self.state: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.log: list[dict[str, Any]] = []
 
@@ -137,10 +138,10 @@ class StepRunner:
         digest = obj_hash(key)
         prev = self.state.get(name)
         if prev and prev.get("hash") == digest and all(p.exists() for p in outputs):
-            self.say(f"{name}: unchanged, skipped")
+            logger.info(f"{name}: unchanged, skipped")
             self.log.append({"step": name, "status": "skipped", "duration_s": 0.0})
             return False
-        self.say(f"{name}: running")
+        logger.info(f"{name}: running")
         t0 = time.perf_counter()
         fn()
         dt = time.perf_counter() - t0
@@ -150,7 +151,7 @@ class StepRunner:
             "duration_s": round(dt, 2),
         }
         self._save()
-        self.say(f"{name}: done in {dt:.1f}s")
+        logger.info(f"{name}: done in {dt:.1f}s")
         self.log.append({"step": name, "status": "ran", "duration_s": round(dt, 2)})
         return True
 
@@ -239,20 +240,19 @@ def current_bundle(published: str | Path) -> Path:
     return published / pointer.read_text().strip()
 
 
-def run_pipeline(path: str | Path, say: Callable[[str], None] | None = None) -> dict[str, Any]:
+def run_pipeline(path: str | Path) -> dict[str, Any]:
     """Run a pipeline file; returns {published metrics, report paths, step log}."""
     from ctr_ad.experiment import load_experiment_config, run_experiment
     from ctr_ad.ingest.pipeline import run_ingest
     from ctr_ad.report import write_report
     from ctr_ad.synthetic import write_synthetic
 
-    say = say or (lambda msg: print(f"[pipeline] {msg}", file=sys.stderr, flush=True))
     cfg, base = load_pipeline(path)
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     # Validate every experiment config before anything runs.
     exp_cfgs = {ds.name: load_experiment_config(_resolve(ds.experiment or cfg.experiment, base)) for ds in cfg.datasets}
-    steps = StepRunner(out, say)
+    steps = StepRunner(out)
     version = ctr_ad.__version__
     t0 = time.perf_counter()
     reports: dict[str, str] = {}
@@ -324,9 +324,9 @@ def run_pipeline(path: str | Path, say: Callable[[str], None] | None = None) -> 
     )
     metrics = json.loads((published / "offline_metrics.json").read_text())
     bundle = current_bundle(published)
-    say(f"finished in {time.perf_counter() - t0:.1f}s")
+    logger.info(f"finished in {time.perf_counter() - t0:.1f}s")
     for name, report in reports.items():
-        say(f"report ({name}): {report}")
-    say(f"published bundle: {bundle} (arm {metrics['arm']}, offline pd_rel {metrics['pd_rel']:.4f})")
-    say(f"serve it with: ctr-ad serve --bundle {bundle}")
+        logger.info(f"report ({name}): {report}")
+    logger.info(f"published bundle: {bundle} (arm {metrics['arm']}, offline pd_rel {metrics['pd_rel']:.4f})")
+    logger.info(f"serve it with: ctr-ad serve --bundle {bundle}")
     return {"published": metrics, "bundle": str(bundle), "reports": reports, "steps": steps.log}

@@ -27,14 +27,18 @@ schedulers, RNG states, step/epoch/position, early-stopping state) is written at
 ``checkpoint_every_steps`` steps and on SIGTERM; ``resume=True`` continues from it, bit-identically in
 deterministic mode.
 
-Outputs in ``out_dir``: ``config.yaml``, ``metrics.jsonl`` (one line per evaluation),
-``checkpoint.pt``, ``bundle/`` (see ``ctr_ad.bundle``).
+Outputs in ``out_dir`` (a :class:`ctr_ad.layout.RunDir`): ``config.yaml``, ``metrics.jsonl`` (one line
+per evaluation), ``checkpoint.pt`` (``ctr_ad.checkpoint``), ``bundle/`` (``ctr_ad.bundle``).
+
+Structure: :class:`Trainer` holds the run's state; its stages read top to bottom —
+``__init__`` (set-up and resume), :meth:`Trainer.fit` (the loop: step, evaluate, should-stop, save) and
+:meth:`Trainer.finish` (best weights, test scoring, bundle).
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import logging
 import math
 import os
 import random
@@ -42,37 +46,30 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import yaml
-from sklearn.metrics import roc_auc_score
 from torch import Tensor, nn
 from tqdm import tqdm
 
 from ctr_ad import bundle as bundle_mod
+from ctr_ad import checkpoint as ckpt
 from ctr_ad import distributed as dist_mod
+from ctr_ad.artifacts import data_fingerprint
 from ctr_ad.config import Config, load_config
-from ctr_ad.data import (
-    Batch,
-    MemoryBatches,
-    PlanSpec,
-    StreamBatches,
-    TensorData,
-    derive_seed,
-    iter_eval_chunks,
-    load_split,
-)
+from ctr_ad.data import Batch, MemoryBatches, PlanSpec, StreamBatches, TensorData, derive_seed, load_split
 from ctr_ad.errors import UserError
+from ctr_ad.evaluation import Evaluation, autocast, evaluate
+from ctr_ad.layout import DataDir, RunDir
 from ctr_ad.losses import lambda_at, penalty_value, summed_bce
-from ctr_ad.model import EnsembleCTR, ensemble_probability
+from ctr_ad.model import EnsembleCTR
+from ctr_ad.optim import build_optimizers, build_schedulers, clip_grad_norm
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
+logger = logging.getLogger(__name__)
+
 # Config keys that may change between a run and its resume (they do not change the math).
 RESUME_FREE_KEYS = {("train", "device"), ("train", "progress"), ("train", "threads")}
 
@@ -97,6 +94,9 @@ class TrainResult:
     valid_metrics: dict[str, float]
     test_metrics: dict[str, float] | None
     model: EnsembleCTR = field(repr=False)
+    #: The test split scored by the returned (best) weights: logits [K, N] and labels [N], so callers
+    #: such as experiments need not read and score the test split again.
+    test: Evaluation | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -115,7 +115,33 @@ class LoopState:
     last_eval_step: int = -1
 
 
-# --------------------------------------------------------------------------------------------- setup
+@dataclass
+class Window:
+    """Running sums of the training loss since the last evaluation (logged, then reset)."""
+
+    loss: float = 0.0
+    bce: float = 0.0
+    penalty: float = 0.0
+    steps: int = 0
+    rows: int = 0
+    t0: float = field(default_factory=time.perf_counter)
+
+    def add(self, loss: float, bce: float, penalty: float, rows: int) -> None:
+        self.loss += loss
+        self.bce += bce
+        self.penalty += penalty
+        self.steps += 1
+        self.rows += rows
+
+    def sums(self) -> dict[str, float]:
+        """What a checkpoint keeps, so a resumed run logs the same metrics."""
+        return {"loss": self.loss, "bce": self.bce, "penalty": self.penalty, "steps": self.steps, "rows": self.rows}
+
+    def examples_per_s(self) -> float:
+        return self.rows / max(time.perf_counter() - self.t0, 1e-9)
+
+
+# --------------------------------------------------------------------------------------------- setup helpers
 def select_device(requested: str) -> torch.device:
     if requested == "cuda" or (requested == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
@@ -132,151 +158,8 @@ def set_determinism(enabled: bool) -> None:
     torch.use_deterministic_algorithms(enabled)
 
 
-def read_fingerprint(data_dir: Path) -> str | None:
-    manifest = data_dir / "manifest.json"
-    if not manifest.is_file():
-        return None
-    try:
-        return json.loads(manifest.read_text()).get("fingerprint")
-    except ValueError:
-        raise UserError(f"{manifest}: not valid JSON") from None
-
-
-def _lr_lambda(cfg: Config, total_steps: int):
-    t = cfg.train
-    warm = t.lr_warmup_steps
-
-    def factor(step: int) -> float:
-        if warm and step < warm:
-            return (step + 1) / warm
-        if t.lr_schedule == "constant":
-            return 1.0
-        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
-        if t.lr_schedule == "cosine":
-            return 0.5 * (1.0 + math.cos(math.pi * progress))
-        return max(0.0, 1.0 - progress)
-
-    return factor
-
-
-def build_optimizers(model: EnsembleCTR, cfg: Config, sparse: bool) -> list[torch.optim.Optimizer]:
-    t = cfg.train
-    emb_lr = t.embedding_lr or t.lr
-    mlp_params = [*model.weights, *model.biases]
-    emb_params = [model.embedding.weight]
-    if not sparse:
-        # One fused Adam for both groups: embeddings get no weight decay.
-        return [
-            torch.optim.AdamW(
-                [
-                    {"params": mlp_params, "lr": t.lr, "weight_decay": t.weight_decay},
-                    {"params": emb_params, "lr": emb_lr, "weight_decay": 0.0},
-                ]
-            )
-        ]
-    dense_opt = torch.optim.AdamW(mlp_params, lr=t.lr, weight_decay=t.weight_decay)
-    if t.embedding_optimizer == "sparse_adam":
-        emb_opt: torch.optim.Optimizer = torch.optim.SparseAdam(emb_params, lr=emb_lr)
-    else:
-        emb_opt = torch.optim.Adagrad(emb_params, lr=emb_lr)
-    return [dense_opt, emb_opt]
-
-
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
-    """Clip the global gradient norm; unlike ``torch.nn.utils.clip_grad_norm_`` it takes sparse grads."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    norms = []
-    for g in grads:
-        if g.is_sparse:
-            g = g.coalesce().values()  # duplicates must be summed before the norm
-        norms.append(torch.linalg.vector_norm(g.float()))
-    total = torch.linalg.vector_norm(torch.stack(norms))
-    scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
-    for g in grads:
-        g.mul_(scale.to(g.dtype))
-    return float(total)
-
-
-# --------------------------------------------------------------------------------------------- evaluation
-def logloss_auc(labels: np.ndarray, probs: np.ndarray) -> tuple[float, float]:
-    p = np.clip(probs.astype(np.float64), 1e-7, 1 - 1e-7)
-    y = labels.astype(np.float64)
-    logloss = float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))
-    auc = float(roc_auc_score(y, p)) if 0 < y.sum() < len(y) else math.nan
-    return logloss, auc
-
-
-@torch.inference_mode()
-def predict_logits(
-    model: EnsembleCTR, chunks: Iterator[TensorData], device: torch.device, amp: bool
-) -> tuple[np.ndarray, np.ndarray]:
-    """(logits [K, N] float32, labels [N]) over evaluation chunks, in eval mode."""
-    was_training = model.training
-    model.eval()
-    logits, labels = [], []
-    for chunk in chunks:
-        with _autocast(device, amp):
-            z = model(chunk.cat.to(device), chunk.dense.to(device))
-        logits.append(z.float().cpu())
-        labels.append(chunk.label.cpu())
-    model.train(was_training)
-    if not logits:
-        return np.zeros((model.components, 0), np.float32), np.zeros(0, np.float32)
-    return torch.cat(logits, dim=1).numpy(), torch.cat(labels).numpy()
-
-
-def evaluate(
-    model: EnsembleCTR,
-    source: TensorData | Path,
-    features: Any,
-    cfg: Config,
-    device: torch.device,
-) -> dict[str, float]:
-    chunks = iter_eval_chunks(source, features.categorical_columns, features.dense_columns, cfg.data.eval_batch_size)
-    logits, labels = predict_logits(model, chunks, device, cfg.train.amp)
-    if labels.size == 0:
-        return {"logloss": math.nan, "auc": math.nan}
-    z = torch.from_numpy(logits)
-    probs = ensemble_probability(z, cfg.model.prediction).numpy()
-    logloss, auc = logloss_auc(labels, probs)
-    comp = [logloss_auc(labels, torch.sigmoid(z[k]).numpy())[0] for k in range(z.shape[0])]
-    return {"logloss": logloss, "auc": auc, "component_logloss_mean": float(np.mean(comp))}
-
-
-def _autocast(device: torch.device, amp: bool) -> contextlib.AbstractContextManager:
-    if amp and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
-# --------------------------------------------------------------------------------------------- checkpoints
-def _rng_state(device: torch.device) -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-def atomic_torch_save(obj: Any, path: Path) -> None:
-    """Write to a temporary file, fsync, then rename: a kill leaves the old file or the new, never half."""
-    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
-    with tmp.open("wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+def config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
+    """The keys (outside :data:`RESUME_FREE_KEYS`) on which two config dicts differ."""
     diffs = []
     for section in sorted(set(a) | set(b)):
         sa, sb = a.get(section, {}), b.get(section, {})
@@ -286,7 +169,6 @@ def _config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     return diffs
 
 
-# --------------------------------------------------------------------------------------------- training
 class _SigtermFlag:
     """Turns SIGTERM into a flag checked between steps (only installable from the main thread)."""
 
@@ -305,6 +187,354 @@ class _SigtermFlag:
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+# --------------------------------------------------------------------------------------------- the trainer
+class Trainer:
+    """One training run of an ensemble on an ingested data directory into a run directory."""
+
+    def __init__(self, data_dir: Path, cfg: Config, out_dir: Path, *, resume: bool, verbose: bool) -> None:
+        from ctr_ad.features import FeatureProcessor
+
+        self.cfg, self.t, self.ad = cfg, cfg.train, cfg.anti_distillation
+        self.data, self.run = DataDir(data_dir), RunDir(out_dir)
+        if not data_dir.is_dir():
+            raise UserError(f"{data_dir}: data directory not found")
+        self.features = FeatureProcessor.load(self.data.features)
+        self.fingerprint = data_fingerprint(data_dir)
+        self.device = select_device(self.t.device)
+        self.ctx = dist_mod.init(self.device.type)
+        if self.device.type == "cuda" and self.ctx.enabled:
+            self.device = torch.device("cuda", self.ctx.local_rank)
+        self.verbose = verbose and self.ctx.is_main
+        set_determinism(self.t.deterministic)
+        if self.t.threads:
+            torch.set_num_threads(self.t.threads)
+        checkpoint = self._prepare_run_dir(resume)
+        self._build_data()
+        self._build_model()
+        self.state = LoopState()
+        self.window = Window()
+        self.best_weights: dict[str, Tensor] | None = None
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        elif self.ctx.is_main:
+            self.run.metrics.unlink(missing_ok=True)
+
+    def _say(self, msg: str) -> None:
+        if self.verbose:
+            logger.info(msg)
+
+    # ---- set-up
+    def _prepare_run_dir(self, resume: bool) -> dict[str, Any] | None:
+        """Validate a checkpoint to resume from (or refuse to overwrite a run); write config.yaml."""
+        checkpoint = None
+        if self.ctx.is_main:
+            self.run.root.mkdir(parents=True, exist_ok=True)
+        if resume and self.run.checkpoint.is_file():
+            checkpoint = ckpt.load(self.run.checkpoint)
+            diffs = config_diff(checkpoint["config"], self.cfg.to_dict())
+            if diffs:
+                raise UserError(f"{self.run.checkpoint}: config differs from the checkpoint's: {'; '.join(diffs)}")
+            if checkpoint.get("fingerprint") != self.fingerprint:
+                raise UserError(f"{self.run.checkpoint}: data fingerprint differs from {self.data.manifest}")
+            self._say(f"resuming from step {checkpoint['state']['step']}")
+        elif resume:
+            self._say(f"no checkpoint in {self.run.root}: starting fresh")
+        else:
+            # Rank 0 decides and tells the others, so no rank waits at a collective for one that raised.
+            taken = self.ctx.is_main and (self.run.checkpoint.exists() or self.run.bundle.exists())
+            if dist_mod.broadcast_object(self.ctx, taken):
+                raise UserError(f"{self.run.root}: already holds a run; pass --resume or choose a new --out")
+        if self.ctx.is_main:
+            self.run.config.write_text(yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        return checkpoint
+
+    def _build_data(self) -> None:
+        t, ad, ctx = self.t, self.ad, self.ctx
+        cat_cols, dense_cols = self.features.categorical_columns, self.features.dense_columns
+        self.sparse = t.embedding_optimizer in ("sparse_adam", "adagrad") and not ctx.enabled
+        independent = ad.data_order == "independent"
+        spec = PlanSpec(
+            batch_size=t.batch_size,
+            components=self.cfg.model.components,
+            independent=independent,
+            penalty_batch_size=(ad.penalty_batch_size or t.batch_size) if (independent and ad.active) else None,
+            seed=t.seed_data,
+            rank=ctx.rank,
+            world=ctx.world,
+        )
+        has_test = self.data.test.is_file()
+        self.plan: MemoryBatches | StreamBatches
+        self.valid: TensorData | Path
+        self.test: TensorData | Path | None
+        if self.cfg.data.loader == "memory":
+            self.plan = MemoryBatches(load_split(self.data.train, cat_cols, dense_cols), spec)
+            self.valid = load_split(self.data.valid, cat_cols, dense_cols)
+            self.test = load_split(self.data.test, cat_cols, dense_cols) if has_test else None
+        else:
+            self.plan = StreamBatches(self.data.train, cat_cols, dense_cols, spec, self.cfg.data.stream_buffer_rows)
+            self.valid = self.data.valid
+            self.test = self.data.test if has_test else None
+        self.total_steps = self.plan.steps_per_epoch * t.epochs
+        if t.max_steps is not None:
+            self.total_steps = min(self.total_steps, t.max_steps)
+        self._say(
+            f"{self.plan.rows} train rows, {self.plan.steps_per_epoch} steps/epoch, K={self.cfg.model.components}, "
+            f"penalty={ad.penalty} λ={ad.lam}, order={ad.data_order}, device={self.device}, world={ctx.world}"
+        )
+
+    def _build_model(self) -> None:
+        t, ctx = self.t, self.ctx
+        model = EnsembleCTR.from_config(
+            self.cfg.model, self.features.cardinalities, len(self.features.dense_columns), sparse=self.sparse
+        )
+        model.reset_parameters(torch.Generator().manual_seed(t.seed_init))
+        model.to(self.device)
+        self.model = model
+        self.net: nn.Module = model
+        if ctx.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        self.optimizers = build_optimizers(model, self.cfg, self.sparse)
+        self.schedulers = build_schedulers(self.optimizers, self.cfg, self.total_steps)
+        self.params = list(model.parameters())
+        # Dropout draws from the global RNG: seed it per rank so shards do not share masks.
+        torch.manual_seed(derive_seed(t.seed_init, t.seed_data, ctx.rank, 7))
+        random.seed(derive_seed(t.seed_data, ctx.rank, 11))
+
+    def _restore(self, checkpoint: dict[str, Any]) -> None:
+        self.model.load_state_dict(checkpoint["model"])
+        for o, s in zip(self.optimizers, checkpoint["optimizers"], strict=True):
+            o.load_state_dict(s)
+        for sch, s in zip(self.schedulers, checkpoint["schedulers"], strict=True):
+            sch.load_state_dict(s)
+        self.state = LoopState(**checkpoint["state"])
+        self.best_weights = checkpoint.get("best_model")
+        for key, value in checkpoint.get("window", {}).items():
+            setattr(self.window, key, value)
+        rngs = checkpoint["rng"]
+        ckpt.set_rng_state(rngs[min(self.ctx.rank, len(rngs) - 1)], self.device)
+        if self.ctx.is_main and self.run.metrics.is_file():
+            # Drop evaluations logged after the checkpoint: the resumed run will log them again.
+            kept = [
+                ln
+                for ln in self.run.metrics.read_text().splitlines()
+                if ln.strip() and json.loads(ln)["step"] <= self.state.step
+            ]
+            self.run.metrics.write_text("".join(ln + "\n" for ln in kept))
+
+    # ---- the loop
+    def fit(self) -> None:
+        """Train until the epochs, max_steps or early stopping end the run; SIGTERM checkpoints and raises."""
+        show_bar = self.t.progress and self.ctx.is_main and sys.stderr.isatty()
+        bar = tqdm(total=self.total_steps, initial=self.state.step, disable=not show_bar, unit="step",
+                   dynamic_ncols=True)
+        self.net.train()
+        self.started = time.perf_counter()
+        with _SigtermFlag() as sigterm, bar:
+            while not self._finished():
+                for batch in self.plan.batches(self.state.epoch, self.state.step_in_epoch):
+                    loss = self._step(batch)
+                    epoch_end = self._advance()
+                    if self._evaluation_due(epoch_end):
+                        self._evaluate()
+                    self.state.done = self._finished()
+                    if self.state.done and self.state.last_eval_step != self.state.step:
+                        self._evaluate()  # the final weights are candidates for the best checkpoint too
+                    self._checkpoint_if_due(sigterm.raised)
+                    if show_bar:
+                        bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{self.window.examples_per_s():,.0f}", refresh=False)
+                        bar.update(1)
+                    if self.state.done or epoch_end:
+                        break
+        self.state.done = True
+        self.save_checkpoint()  # final state: a --resume of a finished run only rebuilds the bundle
+
+    def _finished(self) -> bool:
+        s = self.state
+        return s.stopped_early or s.epoch >= self.t.epochs or s.step >= self.total_steps
+
+    def _advance(self) -> bool:
+        """Count the step; True when it ended an epoch."""
+        s = self.state
+        s.step += 1
+        s.step_in_epoch += 1
+        if s.step_in_epoch < self.plan.steps_per_epoch:
+            return False
+        s.epoch += 1
+        s.step_in_epoch = 0
+        return True
+
+    def _evaluation_due(self, epoch_end: bool) -> bool:
+        every = self.t.eval_every_steps
+        return self.state.step % every == 0 if every else epoch_end
+
+    def _checkpoint_if_due(self, sigterm_raised: bool) -> None:
+        interrupted = dist_mod.any_rank(self.ctx, sigterm_raised, self.device)
+        every = self.t.checkpoint_every_steps
+        if (every and self.state.step % every == 0) or interrupted:
+            self.save_checkpoint()
+        if interrupted:
+            raise TrainingInterrupted(self.state.step, self.run.checkpoint)
+
+    def _forward_batch(self, batch: Batch) -> tuple[Tensor, Tensor | None, int]:
+        """(logits [K, own + shared rows] float32, Σ‖e‖² or None, own rows) of one training batch."""
+        dev, k = self.device, self.cfg.model.components
+        cat, dense = batch.cat.to(dev, non_blocking=True), batch.dense.to(dev, non_blocking=True)
+        own_rows = cat.shape[-2]
+        if batch.penalty is not None:
+            # Append the shared penalty rows to every component's own rows: still one forward.
+            pc = batch.penalty.cat.to(dev).unsqueeze(0).expand(k, -1, -1)
+            pd = batch.penalty.dense.to(dev).unsqueeze(0).expand(k, -1, -1)
+            cat, dense = torch.cat([cat, pc], dim=1), torch.cat([dense, pd], dim=1)
+        emb_sq = None
+        with autocast(dev, self.t.amp):
+            if self.t.embedding_l2 > 0:
+                logits, emb_sq = self.net(cat, dense, embedding_l2=True)
+            else:
+                logits = self.net(cat, dense)
+        return logits.float(), emb_sq, own_rows
+
+    def _step(self, batch: Batch) -> float:
+        """One optimizer step; adds the losses to the window and returns the total loss."""
+        ad, t = self.ad, self.t
+        logits, emb_sq, own_rows = self._forward_batch(batch)
+        own = logits[:, :own_rows]
+        label = batch.label.to(self.device, non_blocking=True)
+        # Each rank divides by its share of the global batch, so DDP's mean of gradients is the
+        # exact global-batch gradient even when the last batch splits unevenly.
+        bce = summed_bce(own, label, denominator=batch.global_rows / self.ctx.world)
+        lam = lambda_at(self.state.step, ad.lam, ad.warmup_steps)
+        pen = logits.new_zeros(())
+        if ad.active:
+            shared = logits[:, own_rows:] if batch.penalty is not None else own
+            pen = penalty_value(ad.penalty, shared, signed=ad.signed, eps=ad.eps)
+        loss = bce + lam * pen if ad.active else bce
+        if emb_sq is not None:
+            loss = loss + t.embedding_l2 * emb_sq
+        for o in self.optimizers:
+            o.zero_grad(set_to_none=True)
+        loss.backward()
+        if t.grad_clip is not None:
+            clip_grad_norm(self.params, t.grad_clip)
+        for o in self.optimizers:
+            o.step()
+        for s in self.schedulers:
+            s.step()
+        total = float(loss.detach())
+        self.window.add(total, float(bce.detach()), float(pen.detach()), batch.global_rows)
+        return total
+
+    # ---- evaluation and early stopping
+    def _score(self, source: TensorData | Path) -> Evaluation:
+        f = self.features
+        return evaluate(self.model, source, f.categorical_columns, f.dense_columns, self.cfg, self.device)
+
+    def _evaluate(self) -> None:
+        """Score the validation split, keep the best weights, decide early stopping, log a line."""
+        s, w = self.state, self.window
+        ev = self._score(self.valid)
+        improved = ev.logloss < s.best_logloss
+        if improved:
+            s.best_logloss, s.best_auc, s.best_step = ev.logloss, ev.auc, s.step
+            s.bad_evals = 0
+            self.best_weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
+        elif not math.isnan(ev.logloss):  # an empty validation split never stops a run
+            s.bad_evals += 1
+        patience = self.t.early_stopping_patience
+        if patience is not None and s.bad_evals >= patience:
+            s.stopped_early = True
+        s.stopped_early = bool(dist_mod.broadcast_object(self.ctx, s.stopped_early))
+        s.last_eval_step = s.step
+        steps = max(w.steps, 1)
+        record = {
+            "step": s.step,
+            "epoch": round(s.step / self.plan.steps_per_epoch, 4),
+            "train_loss": w.loss / steps,
+            "train_bce": w.bce / steps,
+            "train_penalty": w.penalty / steps,
+            "lambda": lambda_at(s.step, self.ad.lam, self.ad.warmup_steps),
+            "lr": self.schedulers[0].get_last_lr()[0],
+            "valid_logloss": ev.logloss,
+            "valid_auc": ev.auc,
+            "valid_component_logloss": ev.component_logloss_mean,
+            "examples_per_s": w.examples_per_s(),
+            "best": improved,
+        }
+        if self.ctx.is_main:
+            with self.run.metrics.open("a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        self.window = Window()
+
+    # ---- checkpoints
+    def save_checkpoint(self) -> None:
+        rng = dist_mod.gather_objects(self.ctx, ckpt.rng_state(self.device))
+        if self.ctx.is_main:
+            ckpt.save(
+                self.run.checkpoint,
+                {
+                    "format": ckpt.FORMAT,
+                    "config": self.cfg.to_dict(),
+                    "fingerprint": self.fingerprint,
+                    "model": self.model.state_dict(),
+                    "optimizers": [o.state_dict() for o in self.optimizers],
+                    "schedulers": [s.state_dict() for s in self.schedulers],
+                    "rng": rng,
+                    "state": asdict(self.state),
+                    "best_model": self.best_weights,
+                    "window": self.window.sums(),
+                },
+            )
+        dist_mod.barrier(self.ctx)
+
+    # ---- the end
+    def finish(self, write_bundle: bool) -> TrainResult:
+        """Restore the best evaluation's weights, score the test split, write the bundle."""
+        s = self.state
+        if self.best_weights is not None:
+            self.model.load_state_dict(self.best_weights)
+        valid_metrics = {"logloss": s.best_logloss, "auc": s.best_auc}
+        test = self._score(self.test) if self.test is not None else None
+        test_metrics = test.metrics() if test is not None else None
+        self._say(
+            f"done: {s.step} steps in {time.perf_counter() - self.started:.1f}s, best step {s.best_step}, "
+            f"valid logloss {s.best_logloss:.5f} auc {s.best_auc:.4f}"
+            + (f", test auc {test_metrics['auc']:.4f}" if test_metrics else "")
+        )
+        bundle_dir = None
+        if write_bundle and self.ctx.is_main:
+            bundle_dir = self._write_bundle(valid_metrics, test_metrics)
+        dist_mod.barrier(self.ctx)
+        return TrainResult(
+            run_dir=self.run.root,
+            bundle_dir=bundle_dir,
+            steps=s.step,
+            epochs_completed=s.epoch,
+            best_step=s.best_step,
+            stopped_early=s.stopped_early,
+            valid_metrics=valid_metrics,
+            test_metrics=test_metrics,
+            model=self.model,
+            test=test,
+        )
+
+    def _write_bundle(self, valid_metrics: dict[str, float], test_metrics: dict[str, float] | None) -> Path:
+        return bundle_mod.save(
+            self.run.bundle,
+            self.model,
+            self.features,
+            self.cfg,
+            {
+                "data_fingerprint": self.fingerprint,
+                "data_dir": str(self.data.root),
+                "valid_metrics": valid_metrics,
+                "test_metrics": test_metrics,
+                "best_step": self.state.best_step,
+                "steps": self.state.step,
+                "world_size": self.ctx.world,
+            },
+        )
 
 
 def train(
@@ -327,343 +557,18 @@ def train(
     Process-wide torch settings it changes (threads, deterministic algorithms) are restored on return,
     so it can be called repeatedly from one process (experiments, tests).
     """
+    cfg = config if isinstance(config, Config) else load_config(config)
+    updates = {k: v for k, v in {"device": device, "deterministic": deterministic, "progress": progress}.items()
+               if v is not None}
+    if updates:
+        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=updates)})
     threads = torch.get_num_threads()
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        return _train(
-            data_dir,
-            config,
-            out_dir,
-            resume=resume,
-            device=device,
-            deterministic=deterministic,
-            progress=progress,
-            write_bundle=write_bundle,
-            log=log,
-        )
+        trainer = Trainer(Path(data_dir), cfg, Path(out_dir), resume=resume, verbose=log)
+        trainer.fit()
+        return trainer.finish(write_bundle)
     finally:
         torch.set_num_threads(threads)
         torch.use_deterministic_algorithms(was_deterministic)
 
-
-def _train(
-    data_dir: str | Path,
-    config: Config | str | Path | None,
-    out_dir: str | Path,
-    *,
-    resume: bool,
-    device: str | None,
-    deterministic: bool | None,
-    progress: bool | None,
-    write_bundle: bool,
-    log: bool,
-) -> TrainResult:
-    from ctr_ad.features import FeatureProcessor
-
-    cfg = config if isinstance(config, Config) else load_config(config)
-    updates: dict[str, Any] = {}
-    if device is not None:
-        updates["device"] = device
-    if deterministic is not None:
-        updates["deterministic"] = deterministic
-    if progress is not None:
-        updates["progress"] = progress
-    if updates:
-        cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update=updates)})
-    t, ad = cfg.train, cfg.anti_distillation
-
-    data_dir, out_dir = Path(data_dir), Path(out_dir)
-    if not data_dir.is_dir():
-        raise UserError(f"{data_dir}: data directory not found")
-    features = FeatureProcessor.load(data_dir / "features.json")
-    fingerprint = read_fingerprint(data_dir)
-
-    dev = select_device(t.device)
-    ctx = dist_mod.init(dev.type)
-    if dev.type == "cuda" and ctx.enabled:
-        dev = torch.device("cuda", ctx.local_rank)
-    set_determinism(t.deterministic)
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    say = (lambda msg: print(f"[train] {msg}", file=sys.stderr)) if (log and ctx.is_main) else (lambda msg: None)
-
-    ckpt_path = out_dir / CHECKPOINT
-    checkpoint: dict[str, Any] | None = None
-    if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    if resume and ckpt_path.is_file():
-        checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        diffs = _config_diff(checkpoint["config"], cfg.to_dict())
-        if diffs:
-            raise UserError(f"{ckpt_path}: config differs from the checkpoint's: {'; '.join(diffs)}")
-        if checkpoint.get("fingerprint") != fingerprint:
-            raise UserError(f"{ckpt_path}: data fingerprint differs from {data_dir / 'manifest.json'}")
-        say(f"resuming from step {checkpoint['state']['step']}")
-    elif resume:
-        say(f"no checkpoint in {out_dir}: starting fresh")
-    else:
-        # Rank 0 decides and tells the others, so no rank waits at a collective for one that raised.
-        taken = ctx.is_main and (ckpt_path.exists() or (out_dir / "bundle").exists())
-        if dist_mod.broadcast_object(ctx, taken):
-            raise UserError(f"{out_dir}: already holds a run; pass --resume or choose a new --out")
-    if ctx.is_main:
-        (out_dir / "config.yaml").write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-
-    # ---- data
-    cat_cols, dense_cols = features.categorical_columns, features.dense_columns
-    sparse = t.embedding_optimizer in ("sparse_adam", "adagrad") and not ctx.enabled
-    independent = ad.data_order == "independent"
-    spec = PlanSpec(
-        batch_size=t.batch_size,
-        components=cfg.model.components,
-        independent=independent,
-        penalty_batch_size=(ad.penalty_batch_size or t.batch_size) if (independent and ad.active) else None,
-        seed=t.seed_data,
-        rank=ctx.rank,
-        world=ctx.world,
-    )
-    if cfg.data.loader == "memory":
-        train_data = load_split(data_dir / "train.parquet", cat_cols, dense_cols)
-        plan: MemoryBatches | StreamBatches = MemoryBatches(train_data, spec)
-        valid: TensorData | Path = load_split(data_dir / "valid.parquet", cat_cols, dense_cols)
-        test: TensorData | Path | None = (
-            load_split(data_dir / "test.parquet", cat_cols, dense_cols)
-            if (data_dir / "test.parquet").is_file()
-            else None
-        )
-    else:
-        plan = StreamBatches(data_dir / "train.parquet", cat_cols, dense_cols, spec, cfg.data.stream_buffer_rows)
-        valid = data_dir / "valid.parquet"
-        test = data_dir / "test.parquet" if (data_dir / "test.parquet").is_file() else None
-    total_steps = plan.steps_per_epoch * t.epochs
-    if t.max_steps is not None:
-        total_steps = min(total_steps, t.max_steps)
-    say(
-        f"{plan.rows} train rows, {plan.steps_per_epoch} steps/epoch, K={cfg.model.components}, "
-        f"penalty={ad.penalty} λ={ad.lam}, order={ad.data_order}, device={dev}, world={ctx.world}"
-    )
-
-    # ---- model and optimizers
-    model = EnsembleCTR.from_config(cfg.model, features.cardinalities, len(dense_cols), sparse=sparse)
-    model.reset_parameters(torch.Generator().manual_seed(t.seed_init))
-    model.to(dev)
-    net: nn.Module = model
-    if ctx.enabled:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
-    optimizers = build_optimizers(model, cfg, sparse)
-    schedulers = [torch.optim.lr_scheduler.LambdaLR(o, _lr_lambda(cfg, total_steps)) for o in optimizers]
-    params = list(model.parameters())
-    # Dropout draws from the global RNG: seed it per rank so shards do not share masks.
-    torch.manual_seed(derive_seed(t.seed_init, t.seed_data, ctx.rank, 7))
-    random.seed(derive_seed(t.seed_data, ctx.rank, 11))
-
-    window = {"loss": 0.0, "bce": 0.0, "penalty": 0.0, "steps": 0, "rows": 0, "t0": time.perf_counter()}
-    state = LoopState()
-    best_state: dict[str, Tensor] | None = None
-    if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
-        for o, s in zip(optimizers, checkpoint["optimizers"]):
-            o.load_state_dict(s)
-        for sch, s in zip(schedulers, checkpoint["schedulers"]):
-            sch.load_state_dict(s)
-        state = LoopState(**checkpoint["state"])
-        best_state = checkpoint.get("best_model")
-        window.update(checkpoint.get("window", {}))
-        _set_rng_state(checkpoint["rng"][min(ctx.rank, len(checkpoint["rng"]) - 1)], dev)
-        metrics_path = out_dir / METRICS
-        if ctx.is_main and metrics_path.is_file():
-            # Drop evaluations logged after the checkpoint: the resumed run will log them again.
-            kept = [
-                ln
-                for ln in metrics_path.read_text().splitlines()
-                if ln.strip() and json.loads(ln)["step"] <= state.step
-            ]
-            metrics_path.write_text("".join(ln + "\n" for ln in kept))
-    elif ctx.is_main:
-        (out_dir / METRICS).unlink(missing_ok=True)
-
-    def save_checkpoint() -> None:
-        rng = dist_mod.gather_objects(ctx, _rng_state(dev))
-        if ctx.is_main:
-            atomic_torch_save(
-                {
-                    "format": 1,
-                    "config": cfg.to_dict(),
-                    "fingerprint": fingerprint,
-                    "model": model.state_dict(),
-                    "optimizers": [o.state_dict() for o in optimizers],
-                    "schedulers": [s.state_dict() for s in schedulers],
-                    "rng": rng,
-                    "state": asdict(state),
-                    "best_model": best_state,
-                    # Running sums since the last evaluation, so a resumed run logs the same metrics.
-                    "window": {k: v for k, v in window.items() if k != "t0"},
-                },
-                ckpt_path,
-            )
-        dist_mod.barrier(ctx)
-
-    def run_evaluation() -> None:
-        nonlocal best_state
-        metrics = evaluate(model, valid, features, cfg, dev)
-        elapsed = max(time.perf_counter() - window["t0"], 1e-9)
-        steps = max(window["steps"], 1)
-        improved = metrics["logloss"] < state.best_logloss
-        if improved:
-            state.best_logloss, state.best_auc, state.best_step = (
-                metrics["logloss"],
-                metrics["auc"],
-                state.step,
-            )
-            state.bad_evals = 0
-            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-        elif not math.isnan(metrics["logloss"]):  # an empty validation split never stops a run
-            state.bad_evals += 1
-        if t.early_stopping_patience is not None and state.bad_evals >= t.early_stopping_patience:
-            state.stopped_early = True
-        state.stopped_early = bool(dist_mod.broadcast_object(ctx, state.stopped_early))
-        state.last_eval_step = state.step
-        record = {
-            "step": state.step,
-            "epoch": round(state.step / plan.steps_per_epoch, 4),
-            "train_loss": window["loss"] / steps,
-            "train_bce": window["bce"] / steps,
-            "train_penalty": window["penalty"] / steps,
-            "lambda": lambda_at(state.step, ad.lam, ad.warmup_steps),
-            "lr": schedulers[0].get_last_lr()[0],
-            "valid_logloss": metrics["logloss"],
-            "valid_auc": metrics["auc"],
-            "valid_component_logloss": metrics["component_logloss_mean"],
-            "examples_per_s": window["rows"] / elapsed,
-            "best": improved,
-        }
-        if ctx.is_main:
-            with (out_dir / METRICS).open("a") as f:
-                f.write(json.dumps(record) + "\n")
-        window.update(loss=0.0, bce=0.0, penalty=0.0, steps=0, rows=0, t0=time.perf_counter())
-
-    def train_step(batch: Batch) -> tuple[float, float, float]:
-        k = cfg.model.components
-        cat, dense = batch.cat.to(dev, non_blocking=True), batch.dense.to(dev, non_blocking=True)
-        label = batch.label.to(dev, non_blocking=True)
-        own_rows = cat.shape[-2]
-        if batch.penalty is not None:
-            # Append the shared penalty rows to every component's own rows: still one forward.
-            pc = batch.penalty.cat.to(dev).unsqueeze(0).expand(k, -1, -1)
-            pd = batch.penalty.dense.to(dev).unsqueeze(0).expand(k, -1, -1)
-            cat, dense = torch.cat([cat, pc], dim=1), torch.cat([dense, pd], dim=1)
-        emb_sq = None
-        with _autocast(dev, t.amp):
-            if t.embedding_l2 > 0:
-                logits, emb_sq = net(cat, dense, embedding_l2=True)
-            else:
-                logits = net(cat, dense)
-        logits = logits.float()
-        own = logits[:, :own_rows]
-        # Each rank divides by its share of the global batch, so DDP's mean of gradients is the
-        # exact global-batch gradient even when the last batch splits unevenly.
-        bce = summed_bce(own, label, denominator=batch.global_rows / ctx.world)
-        lam = lambda_at(state.step, ad.lam, ad.warmup_steps)
-        pen = logits.new_zeros(())
-        if ad.active:
-            shared = logits[:, own_rows:] if batch.penalty is not None else own
-            pen = penalty_value(ad.penalty, shared, signed=ad.signed, eps=ad.eps)
-        loss = bce + lam * pen if ad.active else bce
-        if emb_sq is not None:
-            loss = loss + t.embedding_l2 * emb_sq
-        for o in optimizers:
-            o.zero_grad(set_to_none=True)
-        loss.backward()
-        if t.grad_clip is not None:
-            clip_grad_norm(params, t.grad_clip)
-        for o in optimizers:
-            o.step()
-        for s in schedulers:
-            s.step()
-        return float(loss.detach()), float(bce.detach()), float(pen.detach())
-
-    show_bar = t.progress and ctx.is_main and sys.stderr.isatty()
-    bar = tqdm(total=total_steps, initial=state.step, disable=not show_bar, unit="step", dynamic_ncols=True)
-    net.train()
-    started = time.perf_counter()
-    with _SigtermFlag() as sigterm:
-        while not state.done:
-            if state.epoch >= t.epochs or state.stopped_early or state.step >= total_steps:
-                state.done = True
-                break
-            for batch in plan.batches(state.epoch, state.step_in_epoch):
-                loss, bce, pen = train_step(batch)
-                state.step += 1
-                state.step_in_epoch += 1
-                window["loss"] += loss
-                window["bce"] += bce
-                window["penalty"] += pen
-                window["steps"] += 1
-                window["rows"] += batch.global_rows
-                epoch_end = state.step_in_epoch >= plan.steps_per_epoch
-                if epoch_end:
-                    state.epoch += 1
-                    state.step_in_epoch = 0
-                if (t.eval_every_steps and state.step % t.eval_every_steps == 0) or (
-                    not t.eval_every_steps and epoch_end
-                ):
-                    run_evaluation()
-                state.done = state.stopped_early or state.epoch >= t.epochs or state.step >= total_steps
-                if state.done and state.last_eval_step != state.step:
-                    run_evaluation()  # the final weights are candidates for the best checkpoint too
-                interrupted = dist_mod.any_rank(ctx, sigterm.raised, dev)
-                if (t.checkpoint_every_steps and state.step % t.checkpoint_every_steps == 0) or interrupted:
-                    save_checkpoint()
-                if interrupted:
-                    bar.close()
-                    raise TrainingInterrupted(state.step, ckpt_path)
-                if show_bar:
-                    rate = window["rows"] / max(time.perf_counter() - window["t0"], 1e-9)
-                    bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{rate:,.0f}", refresh=False)
-                    bar.update(1)
-                if state.done or epoch_end:
-                    break
-    bar.close()
-    save_checkpoint()  # final state: a --resume of a finished run only rebuilds the bundle
-
-    # ---- restore the best evaluation's weights, then test and bundle
-    if best_state is not None:
-        model.load_state_dict(best_state)
-    valid_metrics = {"logloss": state.best_logloss, "auc": state.best_auc}
-    test_metrics = evaluate(model, test, features, cfg, dev) if test is not None else None
-    if test_metrics is not None:
-        test_metrics = {"logloss": test_metrics["logloss"], "auc": test_metrics["auc"]}
-    say(
-        f"done: {state.step} steps in {time.perf_counter() - started:.1f}s, best step {state.best_step}, "
-        f"valid logloss {state.best_logloss:.5f} auc {state.best_auc:.4f}"
-        + (f", test auc {test_metrics['auc']:.4f}" if test_metrics else "")
-    )
-    bundle_dir = None
-    if write_bundle and ctx.is_main:
-        bundle_dir = bundle_mod.save(
-            out_dir / "bundle",
-            model,
-            features,
-            cfg,
-            {
-                "data_fingerprint": fingerprint,
-                "data_dir": str(data_dir),
-                "valid_metrics": valid_metrics,
-                "test_metrics": test_metrics,
-                "best_step": state.best_step,
-                "steps": state.step,
-                "world_size": ctx.world,
-            },
-        )
-    dist_mod.barrier(ctx)
-    return TrainResult(
-        run_dir=out_dir,
-        bundle_dir=bundle_dir,
-        steps=state.step,
-        epochs_completed=state.epoch,
-        best_step=state.best_step,
-        stopped_early=state.stopped_early,
-        valid_metrics=valid_metrics,
-        test_metrics=test_metrics,
-        model=model,
-    )

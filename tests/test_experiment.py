@@ -61,7 +61,7 @@ def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def experiment(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     exp_dir = tmp_path_factory.mktemp("exp") / "exp"
     cfg = load_experiment_config(tiny_config())
-    results = run_experiment(data_dir, cfg, exp_dir, say=lambda m: None)
+    results = run_experiment(data_dir, cfg, exp_dir)
     return exp_dir, results
 
 
@@ -108,10 +108,13 @@ def test_predictions_saved_per_replica(experiment: tuple[Path, dict], data_dir: 
     assert not np.array_equal(a, frame["p"].to_numpy())  # replicas differ in their seeds
 
 
-def test_rerun_skips_finished_replicas_and_redoes_changed_ones(experiment: tuple[Path, dict], data_dir: Path) -> None:
+def test_rerun_skips_finished_replicas_and_redoes_changed_ones(
+    experiment: tuple[Path, dict], data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     exp_dir, first = experiment
-    messages: list[str] = []
-    again = run_experiment(data_dir, load_experiment_config(tiny_config()), exp_dir, say=messages.append)
+    caplog.set_level("INFO", logger="ctr_ad")
+    again = run_experiment(data_dir, load_experiment_config(tiny_config()), exp_dir)
+    messages = caplog.messages
     assert again["run"]["trained"] == 0 and again["run"]["skipped"] == 10
     assert again["arms"]["plain-shared"]["pd"] == first["arms"]["plain-shared"]["pd"]
     assert any("skipped (done)" in m for m in messages)
@@ -119,7 +122,7 @@ def test_rerun_skips_finished_replicas_and_redoes_changed_ones(experiment: tuple
     (exp_dir / "arms" / "single" / "r1" / "done.json").unlink()
     changed = tiny_config()
     changed["arms"][0]["set"] = {"model.components": 1, "train.lr": 0.002}
-    again = run_experiment(data_dir, load_experiment_config(changed), exp_dir, say=lambda m: None, only=["single"])
+    again = run_experiment(data_dir, load_experiment_config(changed), exp_dir, only=["single"])
     assert again["run"]["trained"] == 2
 
 

@@ -45,10 +45,11 @@ def write_pipeline(root: Path) -> Path:
     return path
 
 
-def test_pipeline_runs_skips_unchanged_steps_and_publishes(tmp_path: Path) -> None:
+def test_pipeline_runs_skips_unchanged_steps_and_publishes(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     path = write_pipeline(tmp_path)
-    messages: list[str] = []
-    first = run_pipeline(path, say=messages.append)
+    caplog.set_level("INFO", logger="ctr_ad")
+    first = run_pipeline(path)
+    messages = caplog.messages
     out = tmp_path / "out"
     assert all(s["status"] == "ran" for s in first["steps"])
     assert {s["step"] for s in first["steps"]} == {
@@ -76,13 +77,13 @@ def test_pipeline_runs_skips_unchanged_steps_and_publishes(tmp_path: Path) -> No
     state = json.loads((out / "pipeline-state.json").read_text())
     assert state["criteo/experiment"]["duration_s"] > 0
 
-    again = run_pipeline(path, say=lambda m: None)
+    again = run_pipeline(path)
     assert all(s["status"] == "skipped" for s in again["steps"])
 
     # a changed experiment config reruns experiment, report and publish, not ingest
     EXPERIMENT_CHANGED = {**EXPERIMENT, "arms": EXPERIMENT["arms"][:1]}
     (tmp_path / "exp.yaml").write_text(yaml.safe_dump(EXPERIMENT_CHANGED))
-    third = {s["step"]: s["status"] for s in run_pipeline(path, say=lambda m: None)["steps"]}
+    third = {s["step"]: s["status"] for s in run_pipeline(path)["steps"]}
     assert third["criteo/ingest"] == "skipped" and third["synth/synthesise"] == "skipped"
     assert third["criteo/experiment"] == "ran" and third["criteo/report"] == "ran"
 

@@ -64,7 +64,7 @@ class _Collector(HTMLParser):
 def report(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("report")
     run_ingest(CRITEO, "criteo", root / "data", split="files", quiet=True)
-    run_experiment(root / "data", load_experiment_config(CONFIG), root / "exp", say=lambda m: None)
+    run_experiment(root / "data", load_experiment_config(CONFIG), root / "exp")
     return write_report(root / "exp")
 
 

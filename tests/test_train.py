@@ -21,6 +21,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import OneHotEncoder
 
+from ctr_ad import checkpoint
 from ctr_ad.cli import main as cli_main
 from ctr_ad.config import load_config
 from ctr_ad.data import MemoryBatches, PlanSpec, StreamBatches, TensorData, load_split
@@ -167,7 +168,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path: Path, data_dir:
     run_dir = tmp_path / "killed"
     rc, _ = kill_after_checkpoint(train_cmd(data_dir, run_dir), run_dir, signal.SIGKILL)
     assert rc == -signal.SIGKILL, "the run finished before it could be killed"
-    ckpt = torch.load(run_dir / "checkpoint.pt", weights_only=False)
+    ckpt = checkpoint.load(run_dir / "checkpoint.pt")
     assert 0 < ckpt["state"]["step"] < full.steps and ckpt["state"]["step_in_epoch"] > 0  # mid-epoch
     assert not (run_dir / "bundle").exists()
 

@@ -1,13 +1,16 @@
 """The ``ctr-ad`` command.
 
-Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``run(args) -> int``;
-modules are imported only when their subcommand runs, so ``ctr-ad ingest`` never pays for torch.
+Each subcommand lives in its own module of this package (``ctr_ad/cli/<name>.py``; ingest and serve
+beside their code) exposing ``add_arguments(parser)`` and ``run(args) -> int``. Modules are imported
+only when their subcommand runs, so ``ctr-ad ingest`` never pays for torch. Library modules report
+progress through ``logging``; this is the one place that decides how it is printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import sys
 
 from ctr_ad.errors import UserError
@@ -15,14 +18,23 @@ from ctr_ad.errors import UserError
 # name -> (module, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("ctr_ad.ingest.command", "turn raw click logs into Parquet splits + features.json"),
-    "synth": ("ctr_ad.synthetic_command", "write a Criteo-like synthetic click log"),
-    "train": ("ctr_ad.train_command", "train an (anti-distilled) ensemble on ingested data"),
+    "synth": ("ctr_ad.cli.synth", "write a Criteo-like synthetic click log"),
+    "train": ("ctr_ad.cli.train", "train an (anti-distilled) ensemble on ingested data"),
     "predict": ("ctr_ad.predict_command", "score a raw log with a trained bundle"),
-    "experiment": ("ctr_ad.experiment_command", "run replicated arms and measure reproducibility"),
-    "report": ("ctr_ad.report_command", "write report.html / report.md for an experiment"),
-    "pipeline": ("ctr_ad.pipeline_command", "run a batch pipeline (ingest → experiment → report)"),
+    "experiment": ("ctr_ad.cli.experiment", "run replicated arms and measure reproducibility"),
+    "report": ("ctr_ad.cli.report", "write report.html / report.md for an experiment"),
+    "pipeline": ("ctr_ad.cli.pipeline", "run a batch pipeline (ingest → experiment → report)"),
     "serve": ("ctr_ad.serve_command", "serve a bundle over REST"),
 }
+
+
+def configure_logging(command: str, level: int = logging.INFO) -> None:
+    """Progress lines of the library go to stderr as ``[command] message``; results go to stdout."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter(f"[{command}] %(message)s"))
+    root = logging.getLogger("ctr_ad")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     cmd_parser = argparse.ArgumentParser(prog=f"ctr-ad {name}", description=help_text)
     module.add_arguments(cmd_parser)
     args = cmd_parser.parse_args(argv[1:])
+    configure_logging(name)
     try:
         return int(module.run(args) or 0)
     except UserError as exc:
@@ -54,7 +67,3 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"ctr-ad {name}: interrupted", file=sys.stderr)
         return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

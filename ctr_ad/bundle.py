@@ -31,7 +31,6 @@ bundle can be shared by threads: prediction does not mutate it.
 
 from __future__ import annotations
 
-import datetime as _dt
 import json
 import shutil
 from collections.abc import Sequence
@@ -49,6 +48,7 @@ from safetensors.torch import load_file, save_file
 import ctr_ad
 from ctr_ad.config import Config
 from ctr_ad.errors import UserError
+from ctr_ad.files import finite_or_none, replace_dir, utc_timestamp
 from ctr_ad.hashing import sha256_file
 from ctr_ad.model import EnsembleCTR, ensemble_probability
 
@@ -91,13 +91,14 @@ def save(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
+    _check_finite(state, bundle_dir)
     save_file(state, str(tmp / WEIGHTS))
     (tmp / FEATURES).write_text(json.dumps(features.to_dict(), indent=1, sort_keys=True, ensure_ascii=False))
     (tmp / CONFIG).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False))
     meta = {
         "bundle_format": BUNDLE_FORMAT,
         "version": ctr_ad.__version__,
-        "created_at": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created_at": utc_timestamp(),
         "components": config.model.components,
         "penalty": config.anti_distillation.penalty,
         "lambda": config.anti_distillation.lam,
@@ -108,19 +109,18 @@ def save(
         "n_dense": model.n_dense,
         **metadata,
     }
-    (tmp / METADATA).write_text(json.dumps(meta, indent=1, sort_keys=True))
+    (tmp / METADATA).write_text(json.dumps(finite_or_none(meta), indent=1, sort_keys=True, allow_nan=False))
     lines = [f"{sha256_file(tmp / name)}  {name}\n" for name in CHECKED_FILES]
     (tmp / CHECKSUMS).write_text("".join(lines))
-    if bundle_dir.exists():
-        old = bundle_dir.with_name(bundle_dir.name + ".old")
-        if old.exists():
-            shutil.rmtree(old)
-        bundle_dir.rename(old)
-        tmp.rename(bundle_dir)
-        shutil.rmtree(old)
-    else:
-        tmp.rename(bundle_dir)
+    replace_dir(tmp, bundle_dir)
     return bundle_dir
+
+
+def _check_finite(state: dict[str, torch.Tensor], where: Path) -> None:
+    """A NaN or infinite weight turns every prediction into NaN: refuse it at the boundary."""
+    bad = sorted(k for k, v in state.items() if not bool(torch.isfinite(v).all()))
+    if bad:
+        raise BundleError(f"{where}: non-finite values (NaN or inf) in weight tensor(s) {bad}; the model diverged")
 
 
 class Bundle:
@@ -256,6 +256,7 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
     model = EnsembleCTR.from_config(config.model, features.cardinalities, len(features.dense_columns))
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     _check_shapes(expected, state, weights_path)
+    _check_finite(state, weights_path)
     model.load_state_dict(state)
     model.to(device)
     return Bundle(bundle_dir, model, features, config, metadata)

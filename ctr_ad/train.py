@@ -50,6 +50,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from torch import Tensor, nn
@@ -63,6 +64,7 @@ from ctr_ad.config import Config, load_config
 from ctr_ad.data import Batch, MemoryBatches, PlanSpec, StreamBatches, TensorData, derive_seed, load_split
 from ctr_ad.errors import UserError
 from ctr_ad.evaluation import Evaluation, autocast, evaluate
+from ctr_ad.files import finite_or_none
 from ctr_ad.layout import DataDir, RunDir
 from ctr_ad.losses import lambda_at, penalty_value, summed_bce
 from ctr_ad.model import EnsembleCTR
@@ -81,6 +83,18 @@ class TrainingInterrupted(Exception):
         super().__init__(f"interrupted at step {step}; checkpoint {checkpoint} (resume with --resume)")
         self.step = step
         self.checkpoint = checkpoint
+
+
+class TrainingDiverged(UserError):
+    """The loss or the validation scores became NaN/inf: no bundle is written from such weights."""
+
+    def __init__(self, step: int, what: str, lr: float, checkpoint: Path | None) -> None:
+        where = f"; the last checkpoint before it is {checkpoint}" if checkpoint is not None else ""
+        super().__init__(
+            f"training diverged at step {step}: {what} is not finite (train.lr={lr:g}); lower train.lr, "
+            f"set train.grad_clip, or check the data{where}"
+        )
+        self.step = step
 
 
 @dataclass
@@ -276,6 +290,7 @@ class Trainer:
             self.plan = StreamBatches(self.data.train, cat_cols, dense_cols, spec, self.cfg.data.stream_buffer_rows)
             self.valid = self.data.valid
             self.test = self.data.test if has_test else None
+        self._warn_one_class()
         self.total_steps = self.plan.steps_per_epoch * t.epochs
         if t.max_steps is not None:
             self.total_steps = min(self.total_steps, t.max_steps)
@@ -283,6 +298,18 @@ class Trainer:
             f"{self.plan.rows} train rows, {self.plan.steps_per_epoch} steps/epoch, K={self.cfg.model.components}, "
             f"penalty={ad.penalty} λ={ad.lam}, order={ad.data_order}, device={self.device}, world={ctx.world}"
         )
+
+    def _warn_one_class(self) -> None:
+        """A split with one label value trains a constant model and has no AUC: say so up front."""
+        import polars as pl
+
+        for path in (self.data.train, self.data.valid):
+            bounds = pl.scan_parquet(path).select(lo=pl.col("label").min(), hi=pl.col("label").max())
+            low, high = bounds.collect().row(0)
+            if low is not None and low == high:
+                logger.warning(
+                    f"{path}: every label is {low:g}; the model can only learn a constant and AUC is undefined"
+                )
 
     def _build_model(self) -> None:
         t, ctx = self.t, self.ctx
@@ -336,13 +363,15 @@ class Trainer:
             while not self._finished():
                 for batch in self.plan.batches(self.state.epoch, self.state.step_in_epoch):
                     loss = self._step(batch)
+                    if not math.isfinite(loss):
+                        raise self._diverged("the training loss")
                     epoch_end = self._advance()
                     if self._evaluation_due(epoch_end):
                         self._evaluate()
                     self.state.done = self._finished()
                     if self.state.done and self.state.last_eval_step != self.state.step:
                         self._evaluate()  # the final weights are candidates for the best checkpoint too
-                    self._checkpoint_if_due(sigterm.raised)
+                    self._checkpoint_if_due(sigterm.raised, self.state.last_eval_step == self.state.step)
                     if show_bar:
                         bar.set_postfix(loss=f"{loss:.4f}", ex_s=f"{self.window.examples_per_s():,.0f}", refresh=False)
                         bar.update(1)
@@ -370,10 +399,11 @@ class Trainer:
         every = self.t.eval_every_steps
         return self.state.step % every == 0 if every else epoch_end
 
-    def _checkpoint_if_due(self, sigterm_raised: bool) -> None:
+    def _checkpoint_if_due(self, sigterm_raised: bool, evaluated: bool) -> None:
+        """Every ``checkpoint_every_steps`` steps, or (0) after every evaluation; always on SIGTERM."""
         interrupted = dist_mod.any_rank(self.ctx, sigterm_raised, self.device)
         every = self.t.checkpoint_every_steps
-        if (every and self.state.step % every == 0) or interrupted:
+        if (every and self.state.step % every == 0) or (not every and evaluated) or interrupted:
             self.save_checkpoint()
         if interrupted:
             raise TrainingInterrupted(self.state.step, self.run.checkpoint)
@@ -435,6 +465,8 @@ class Trainer:
         """Score the validation split, keep the best weights, decide early stopping, log a line."""
         s, w = self.state, self.window
         ev = self._score(self.valid)
+        if not np.isfinite(ev.logits).all():
+            raise self._diverged("a validation logit")
         improved = ev.logloss < s.best_logloss
         if improved:
             s.best_logloss, s.best_auc, s.best_step = ev.logloss, ev.auc, s.step
@@ -464,8 +496,12 @@ class Trainer:
         }
         if self.ctx.is_main:
             with self.run.metrics.open("a") as fh:
-                fh.write(json.dumps(record) + "\n")
+                fh.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
         self.window = Window()
+
+    def _diverged(self, what: str) -> TrainingDiverged:
+        last = self.run.checkpoint if self.run.checkpoint.is_file() else None
+        return TrainingDiverged(self.state.step, what, self.t.lr, last)
 
     # ---- checkpoints
     def save_checkpoint(self) -> None:

@@ -7,6 +7,7 @@ import json
 import sys
 
 from ctr_ad.config import load_config
+from ctr_ad.files import finite_or_none
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -53,5 +54,5 @@ def run(args: argparse.Namespace) -> int:
         "valid": result.valid_metrics,
         "test": result.test_metrics,
     }
-    print(json.dumps(summary))
+    print(json.dumps(finite_or_none(summary), allow_nan=False))
     return 0

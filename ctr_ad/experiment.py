@@ -34,7 +34,6 @@ A rerun skips replicas whose ``done.json`` matches the current config hash and r
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 import hashlib
 import json
 import logging
@@ -52,11 +51,15 @@ from typing import Any, Literal
 import numpy as np
 import polars as pl
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ctr_ad import metrics as M
-from ctr_ad.config import describe_validation_error, set_dotted
+from ctr_ad.artifacts import Verdict, data_fingerprint, write_document
+from ctr_ad.config import set_dotted
 from ctr_ad.errors import UserError
+from ctr_ad.files import atomic_write_with, utc_timestamp
+from ctr_ad.layout import DataDir, ExperimentDir
+from ctr_ad.strict import StrictModel, load_yaml_mapping, validate_model
 
 logger = logging.getLogger(__name__)
 
@@ -67,11 +70,7 @@ AD_ROLE = "anti_distillation"
 
 
 # --------------------------------------------------------------------------------------------- config
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class ArmSpec(_Strict):
+class ArmSpec(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
     kind: Literal["model", "logreg"] = "model"
     set: dict[str, Any] = Field(default_factory=dict, description="dotted training-config overrides")
@@ -79,7 +78,7 @@ class ArmSpec(_Strict):
     max_iter: int = Field(300, ge=1, description="logreg: L-BFGS iterations")
 
 
-class GridSpec(_Strict):
+class GridSpec(StrictModel):
     name: str = Field("ad", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
     penalties: list[str] = Field(min_length=1)
     lambdas: list[float] = Field(min_length=1)
@@ -113,13 +112,14 @@ class GridSpec(_Strict):
         return arms
 
 
-class ExperimentConfig(_Strict):
+class ExperimentConfig(StrictModel):
     training: str | dict[str, Any] = Field(description="training config: YAML path or inline mapping")
     set: dict[str, Any] = Field(default_factory=dict)
     replicas: int = Field(3, ge=2)
     seed: int = Field(0, ge=0)
     top_fractions: list[float] = Field(default_factory=lambda: list(M.DEFAULT_TOP_FRACTIONS))
     logloss_tolerance: float = Field(0.003, ge=0.0)
+    pd_rel_goal: float = Field(0.5, gt=0.0, description="goal: pd_rel at most this × the baseline's")
     arms: list[ArmSpec] = Field(default_factory=list)
     grids: list[GridSpec] = Field(default_factory=list)
 
@@ -151,45 +151,21 @@ def load_experiment_config(source: str | Path | dict[str, Any], base_dir: Path |
     if isinstance(source, dict):
         data = copy.deepcopy(source)
     else:
-        path = Path(source)
-        origin = str(path)
-        if not path.is_file():
-            raise UserError(f"{path}: experiment config not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise UserError(f"{path}: not valid YAML ({exc})") from None
-        if not isinstance(data, dict):
-            raise UserError(f"{path}: expected a mapping at the top level")
-        base_dir = base_dir or path.parent
-    _register_extra_penalties()
-    try:
-        cfg = ExperimentConfig.model_validate(data)
-    except ValidationError as exc:
-        raise UserError(f"{origin}: {describe_validation_error(exc)}") from None
+        origin = str(source)
+        data = load_yaml_mapping(source, "experiment config")
+        base_dir = base_dir or Path(source).parent
+    cfg = validate_model(ExperimentConfig, data, origin)
     if isinstance(cfg.training, str):
         tpath = Path(cfg.training)
         if not tpath.is_absolute():
             tpath = (base_dir or Path.cwd()) / tpath
         if not tpath.is_file():
             raise UserError(f"{origin}: training config {tpath} not found")
-        loaded = yaml.safe_load(tpath.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise UserError(f"{tpath}: expected a mapping of sections")
-        cfg = cfg.model_copy(update={"training": loaded})
+        cfg = cfg.model_copy(update={"training": load_yaml_mapping(tpath, "training config")})
     for arm in cfg.all_arms():  # fail on a bad arm before anything trains
         if arm.kind == "model":
             arm_training_config(cfg, arm, 0)
     return cfg
-
-
-def _register_extra_penalties() -> None:
-    """Penalties designed by the experiments live in ctr_ad.penalties_extra (registered on import)."""
-    try:
-        import ctr_ad.penalties_extra  # noqa: F401
-    except ModuleNotFoundError as exc:
-        if exc.name != "ctr_ad.penalties_extra":
-            raise
 
 
 def arm_training_config(cfg: ExperimentConfig, arm: ArmSpec, replica: int) -> Any:
@@ -291,10 +267,13 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
 
 
-def ensemble_prob(logits: np.ndarray, mode: str = "mean_prob") -> np.ndarray:
-    """Ensemble probability [N] from component logits [K, N] (the same rule as ``ctr_ad.model``)."""
-    z = np.asarray(logits, dtype=np.float64)
-    return _sigmoid(z.mean(axis=0)) if mode == "mean_logit" else _sigmoid(z).mean(axis=0)
+def ensemble_prob(logits: np.ndarray, mode: Literal["mean_prob", "mean_logit"] = "mean_prob") -> np.ndarray:
+    """Ensemble probability [N] in float64 from component logits [K, N], by the model's own rule."""
+    import torch
+
+    from ctr_ad.model import ensemble_probability
+
+    return ensemble_probability(torch.from_numpy(np.asarray(logits, dtype=np.float64)), mode).numpy()
 
 
 def write_predictions(path: Path, labels: np.ndarray, logits: np.ndarray, prediction: str) -> pl.DataFrame:
@@ -308,9 +287,7 @@ def write_predictions(path: Path, labels: np.ndarray, logits: np.ndarray, predic
     for k in range(logits.shape[0]):
         cols[f"z_{k}"] = logits[k].astype(np.float32)
     frame = pl.DataFrame(cols)
-    tmp = path.with_name(path.name + ".tmp")
-    frame.write_parquet(tmp)
-    os.replace(tmp, path)
+    atomic_write_with(path, frame.write_parquet)
     return frame
 
 
@@ -333,45 +310,38 @@ def run_replica(
     data_dir: Path, exp_dir: Path, cfg: ExperimentConfig, arm: ArmSpec, replica: int, device: str | None
 ) -> tuple[dict[str, Any], bool]:
     """Train (or skip, when done with the same config) one replica; returns (its metrics, skipped)."""
-    rdir = exp_dir / "arms" / arm.name / f"r{replica}"
+    rdir = ExperimentDir(exp_dir).replica(arm.name, replica)
     config = _replica_config(cfg, arm, replica)
-    key = _hash({"config": config, "data": _fingerprint(data_dir)})
+    key = _hash({"config": config, "data": data_fingerprint(data_dir)})
     if _is_done(exp_dir, cfg, arm, replica, data_dir):
-        return json.loads((rdir / DONE).read_text())["metrics"], True
-    if rdir.exists():
-        shutil.rmtree(rdir)  # a partial or stale replica: start it again
-    rdir.mkdir(parents=True)
+        return json.loads(rdir.done.read_text())["metrics"], True
+    if rdir.root.exists():
+        shutil.rmtree(rdir.root)  # a partial or stale replica: start it again
+    rdir.root.mkdir(parents=True)
     started = time.perf_counter()
     if arm.kind == "logreg":
-        logits = _train_logreg_replica(data_dir, config, rdir / "run")
+        logits = _train_logreg_replica(data_dir, config, rdir.run.root)
         prediction = "mean_prob"
     else:
-        logits = _train_model_replica(data_dir, config, rdir / "run", device)
+        logits = _train_model_replica(data_dir, config, rdir.run.root, device)
         prediction = config["model"]["prediction"]
-    labels = pl.read_parquet(data_dir / "test.parquet", columns=["label"])["label"].to_numpy()
-    frame = write_predictions(rdir / PREDICTIONS, labels, logits, prediction)
+    labels = pl.read_parquet(DataDir(data_dir).test, columns=["label"])["label"].to_numpy()
+    frame = write_predictions(rdir.predictions, labels, logits, prediction)
     metrics = replica_metrics(frame)
     metrics["wall_s"] = time.perf_counter() - started
     # The training checkpoint only serves resuming an unfinished run; the bundle stays (publish, shadow).
-    (rdir / "run" / "checkpoint.pt").unlink(missing_ok=True)
-    (rdir / "metrics.json").write_text(json.dumps(metrics, indent=1))
-    (rdir / DONE).write_text(json.dumps({"hash": key, "metrics": metrics, "config": config}, indent=1))
+    rdir.run.checkpoint.unlink(missing_ok=True)
+    write_document(rdir.metrics, metrics)
+    write_document(rdir.done, {"hash": key, "metrics": metrics, "config": config})
     return metrics, False
 
 
 def _is_done(exp_dir: Path, cfg: ExperimentConfig, arm: ArmSpec, replica: int, data_dir: Path) -> bool:
-    rdir = exp_dir / "arms" / arm.name / f"r{replica}"
-    if not (rdir / DONE).is_file() or not (rdir / PREDICTIONS).is_file():
+    rdir = ExperimentDir(exp_dir).replica(arm.name, replica)
+    if not rdir.done.is_file() or not rdir.predictions.is_file():
         return False
-    key = _hash({"config": _replica_config(cfg, arm, replica), "data": _fingerprint(data_dir)})
-    return json.loads((rdir / DONE).read_text()).get("hash") == key
-
-
-def _fingerprint(data_dir: Path) -> str | None:
-    manifest = data_dir / "manifest.json"
-    if manifest.is_file():
-        return json.loads(manifest.read_text()).get("fingerprint")
-    return None
+    key = _hash({"config": _replica_config(cfg, arm, replica), "data": data_fingerprint(data_dir)})
+    return json.loads(rdir.done.read_text()).get("hash") == key
 
 
 # --------------------------------------------------------------------------------------------- summaries
@@ -379,9 +349,9 @@ def summarise_arm(exp_dir: Path, cfg: ExperimentConfig, arm: ArmSpec) -> dict[st
     """mean ± std over replicas (accuracy, components, wall time) and over replica pairs (PD)."""
     frames, per_replica = [], []
     for r in range(cfg.replicas):
-        rdir = exp_dir / "arms" / arm.name / f"r{r}"
-        frames.append(pl.read_parquet(rdir / PREDICTIONS))
-        per_replica.append(json.loads((rdir / DONE).read_text())["metrics"])
+        rdir = ExperimentDir(exp_dir).replica(arm.name, r)
+        frames.append(pl.read_parquet(rdir.predictions))
+        per_replica.append(json.loads(rdir.done.read_text())["metrics"])
     pairs = M.pairwise_pd([f["p"].to_numpy() for f in frames], cfg.top_fractions)
     config = _replica_config(cfg, arm, 0)
     if arm.kind == "model":
@@ -454,6 +424,49 @@ def select_best(arms: dict[str, dict[str, Any]], tolerance: float) -> tuple[str 
     return min(ok, key=lambda n: arms[n]["pd"]["pd_rel"]["mean"]), rule
 
 
+def _ratio(arms: dict[str, dict[str, Any]], name: str, base: str, metric: str) -> float:
+    value = _pd_rel(arms[name]) if metric == "pd_rel" else _logloss(arms[name])
+    ref = _pd_rel(arms[base]) if metric == "pd_rel" else _logloss(arms[base])
+    return value / ref if ref > 0 else math.nan
+
+
+def _within_noise(arms: dict[str, dict[str, Any]], name: str, base: str) -> bool:
+    """The pd_rel difference is at most the larger std over replica pairs: not distinguishable."""
+    spread = max(arms[name]["pd"]["pd_rel"]["std"], arms[base]["pd"]["pd_rel"]["std"])
+    return abs(_pd_rel(arms[name]) - _pd_rel(arms[base])) <= spread
+
+
+def decide_verdict(arms: dict[str, dict[str, Any]], tolerance: float, goal: float) -> Verdict:
+    """The experiment's answer, computed once and stored in results.json: the best arm (see
+    :func:`select_best`) and, reported separately, the best anti-distillation arm within the logloss
+    tolerance, each as pd_rel and logloss ratios to the baseline, against the goal
+    (pd_rel ratio ≤ ``goal`` at logloss ratio ≤ 1 + ``tolerance``)."""
+    best, rule = select_best(arms, tolerance)
+    base = select_baseline(arms, tolerance)
+    verdict = Verdict(best_arm=best, baseline_arm=base, rule=rule, logloss_tolerance=tolerance, pd_rel_goal=goal)
+    if base is None:
+        return verdict
+    limit = 1 + tolerance + 1e-12
+    if best is not None:
+        verdict.pd_rel_ratio = _ratio(arms, best, base, "pd_rel")
+        verdict.logloss_ratio = _ratio(arms, best, base, "logloss")
+        verdict.within_noise = _within_noise(arms, best, base)
+        verdict.goal_met = verdict.pd_rel_ratio <= goal and verdict.logloss_ratio <= limit
+    ad = [n for n, a in arms.items() if a["role"] == AD_ROLE and _ratio(arms, n, base, "logloss") <= limit]
+    if ad:
+        pick = min(ad, key=lambda n: _pd_rel(arms[n]))
+        verdict.ad_arm = pick
+        verdict.ad_pd_rel_ratio = _ratio(arms, pick, base, "pd_rel")
+        verdict.ad_logloss_ratio = _ratio(arms, pick, base, "logloss")
+        verdict.ad_within_noise = _within_noise(arms, pick, base)
+        verdict.ad_goal_met = verdict.ad_pd_rel_ratio <= goal
+    return verdict
+
+
+def _pd_rel(arm: dict[str, Any]) -> float:
+    return arm["pd"]["pd_rel"]["mean"]
+
+
 def environment() -> dict[str, Any]:
     import sklearn
     import torch
@@ -479,8 +492,8 @@ def environment() -> dict[str, Any]:
 def write_results(
     exp_dir: Path, data_dir: Path, cfg: ExperimentConfig, arms: dict[str, dict[str, Any]], run: dict[str, Any]
 ) -> dict[str, Any]:
-    best, rule = select_best(arms, cfg.logloss_tolerance)
-    manifest_path = data_dir / "manifest.json"
+    verdict = decide_verdict(arms, cfg.logloss_tolerance, cfg.pd_rel_goal)
+    manifest_path = DataDir(data_dir).manifest
     results = {
         "format": 1,
         "data_dir": str(data_dir.resolve()),
@@ -488,15 +501,15 @@ def write_results(
         "experiment": cfg.model_dump(mode="json"),
         "environment": environment(),
         "run": run,
-        "baseline": select_baseline(arms, cfg.logloss_tolerance),
-        "best": best,
-        "best_rule": rule,
+        "baseline": verdict.baseline_arm,
+        "best": verdict.best_arm,
+        "best_rule": verdict.rule,
+        "verdict": verdict.model_dump(mode="json"),
         "arms": arms,
     }
-    tmp = exp_dir / (RESULTS + ".tmp")
-    tmp.write_text(json.dumps(results, indent=1, allow_nan=True))
-    os.replace(tmp, exp_dir / RESULTS)
-    return results
+    write_document(ExperimentDir(exp_dir).results, results)
+    # Read back as written: NaN became null, so callers see exactly what a script reading the file sees.
+    return json.loads(ExperimentDir(exp_dir).results.read_text())
 
 
 # --------------------------------------------------------------------------------------------- driver
@@ -527,8 +540,8 @@ def run_experiment(
             raise UserError(f"--arms: unknown arm(s) {unknown}; known: {[a.name for a in arms]}")
         arms = [a for a in arms if a.name in set(only)]
     exp_dir.mkdir(parents=True, exist_ok=True)
-    (exp_dir / "experiment.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    started_at = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    ExperimentDir(exp_dir).config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    started_at = utc_timestamp()
     t0 = time.perf_counter()
     summaries: dict[str, dict[str, Any]] = {}
     trained = skipped = 0
@@ -563,14 +576,14 @@ def run_experiment(
     if not summaries:
         raise UserError(f"{exp_dir}: no finished arm to summarise")
     run = {"started_at": started_at, "wall_s": time.perf_counter() - t0, "trained": trained, "skipped": skipped}
-    run["finished_at"] = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    run["finished_at"] = utc_timestamp()
     results = write_results(exp_dir, data_dir, cfg, summaries, run)
     logger.info(f"done: {trained} trained, {skipped} skipped, {run['wall_s']:.1f}s; best arm {results['best']}")
     return results
 
 
 def load_results(exp_dir: str | Path) -> dict[str, Any]:
-    path = Path(exp_dir) / RESULTS
+    path = ExperimentDir(Path(exp_dir)).results
     if not path.is_file():
         raise UserError(f"{path}: not found (run `ctr-ad experiment` first)")
     return json.loads(path.read_text())
@@ -581,5 +594,5 @@ def best_bundle(exp_dir: str | Path, results: dict[str, Any] | None = None) -> P
     results = results or load_results(exp_dir)
     if not results.get("best"):
         return None
-    path = Path(exp_dir) / "arms" / results["best"] / "r0" / "run" / "bundle"
+    path = ExperimentDir(Path(exp_dir)).replica(results["best"], 0).run.bundle
     return path if path.is_dir() else None

@@ -147,7 +147,12 @@ class EnsembleCTR(nn.Module):
 
 
 def ensemble_probability(logits: Tensor, mode: Literal["mean_prob", "mean_logit"] = "mean_prob") -> Tensor:
-    """Ensemble prediction [B] from logits [K, B]: mean of component probabilities, or σ(mean logit)."""
+    """Ensemble prediction [B] from logits [K, B]: mean of component probabilities, or σ(mean logit).
+
+    The one rule for training, experiments, bundles and the service. float64 input stays float64
+    (offline analysis); anything else is computed in float32.
+    """
+    z = logits if logits.dtype == torch.float64 else logits.float()
     if mode == "mean_logit":
-        return torch.sigmoid(logits.float().mean(dim=0))
-    return torch.sigmoid(logits.float()).mean(dim=0)
+        return torch.sigmoid(z.mean(dim=0))
+    return torch.sigmoid(z).mean(dim=0)

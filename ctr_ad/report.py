@@ -25,7 +25,9 @@ import polars as pl
 import yaml
 
 from ctr_ad import metrics as M
-from ctr_ad.experiment import PREDICTIONS, component_logits, load_results
+from ctr_ad.artifacts import Verdict
+from ctr_ad.experiment import component_logits, load_results
+from ctr_ad.layout import ExperimentDir
 
 MAX_LINES = 6  # arms drawn in the per-arm line plots
 FREQ_EDGES = (10, 100, 1000)  # train-count bucket edges of the rarest categorical value of a row
@@ -48,13 +50,13 @@ def _fmt(x: float | None, digits: int = 4) -> str:
 
 
 def _pm(stat: dict[str, float], digits: int = 4) -> str:
-    if stat.get("n", 0) == 0 or math.isnan(stat["mean"]):
+    if stat.get("n", 0) == 0 or stat.get("mean") is None or math.isnan(stat["mean"]):
         return "n/a"
     return f"{_fmt(stat['mean'], digits)} ± {_fmt(stat['std'], digits)}"
 
 
 def _predictions(exp_dir: Path, arm: str, replicas: int) -> list[pl.DataFrame]:
-    return [pl.read_parquet(exp_dir / "arms" / arm / f"r{r}" / PREDICTIONS) for r in range(replicas)]
+    return [pl.read_parquet(ExperimentDir(exp_dir).replica(arm, r).predictions) for r in range(replicas)]
 
 
 def key_arms(results: dict[str, Any]) -> list[str]:
@@ -353,29 +355,10 @@ def arms_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
-def verdict(results: dict[str, Any]) -> dict[str, Any]:
-    """Best anti-distillation arm against the baseline, and whether it meets the issue's goal
-    (pd_rel ≤ 0.7 × baseline with logloss ≤ 1.003 × baseline)."""
-    arms, base = results["arms"], results.get("baseline")
-    ad = [n for n, a in arms.items() if a["role"] == "anti_distillation"]
-    if not base or not ad:
-        return {}
-    limit = _logloss(arms[base]) * 1.003
-    ok = [n for n in ad if _logloss(arms[n]) <= limit]
-    pick = min(ok or ad, key=lambda n: _pd_rel(arms[n]))
-    ratio_pd = _pd_rel(arms[pick]) / _pd_rel(arms[base])
-    ratio_ll = _logloss(arms[pick]) / _logloss(arms[base])
-    spread = max(arms[pick]["pd"]["pd_rel"]["std"], arms[base]["pd"]["pd_rel"]["std"])
-    return {
-        "arm": pick,
-        "pd_rel_ratio": ratio_pd,
-        "logloss_ratio": ratio_ll,
-        "auc_delta": arms[pick]["accuracy"]["auc"]["mean"] - arms[base]["accuracy"]["auc"]["mean"],
-        "met": bool(ok) and ratio_pd <= 0.7 and ratio_ll <= 1.003,
-        "within_logloss": bool(ok),
-        # the pd_rel difference is smaller than the larger std over replica pairs: not significant
-        "within_noise": abs(_pd_rel(arms[pick]) - _pd_rel(arms[base])) <= spread,
-    }
+def verdict(results: dict[str, Any]) -> Verdict | None:
+    """The verdict ``ctr-ad experiment`` stored in results.json (None for results without one)."""
+    stored = results.get("verdict")
+    return Verdict.model_validate(stored) if stored else None
 
 
 def _html_table(header: list[str], rows: list[list[str]], highlight: dict[str, str] | None = None) -> str:
@@ -458,22 +441,24 @@ def write_report(exp_dir: str | Path) -> Path:
             f"Baseline (best ensemble without anti-distillation): <b>{html.escape(base)}</b> — pd_rel "
             f"{_pm(b['pd']['pd_rel'])}, logloss {_pm(b['accuracy']['logloss'], 5)}."
         )
-    if v:
+    if v is not None and v.ad_arm is not None and v.ad_pd_rel_ratio is not None:
+        a = arms[v.ad_arm]
+        auc_delta = a["accuracy"]["auc"]["mean"] - arms[base]["accuracy"]["auc"]["mean"] if base else math.nan
         lines.append(
-            "Best anti-distillation arm within 0.3 % logloss of the baseline: "
-            f"<b>{html.escape(v['arm'])}</b>: pd_rel × {v['pd_rel_ratio']:.2f}, "
-            f"logloss × {v['logloss_ratio']:.4f}, AUC {v['auc_delta']:+.4f} "
-            f"against the baseline. Goal (pd_rel ≤ 0.7 × with logloss ≤ 1.003 ×): "
-            f"<b>{'met' if v['met'] else 'not met'}</b>"
-            + ("" if v["within_logloss"] else " (no anti-distillation arm is within the logloss bound)")
-            + "."
+            f"Best anti-distillation arm within {v.logloss_tolerance:.1%} logloss of the baseline: "
+            f"<b>{html.escape(v.ad_arm)}</b>: pd_rel × {v.ad_pd_rel_ratio:.2f}, "
+            f"logloss × {v.ad_logloss_ratio:.4f}, AUC {auc_delta:+.4f} against the baseline. "
+            f"Goal (pd_rel ≤ {v.pd_rel_goal:g} × with logloss ≤ {1 + v.logloss_tolerance:g} ×): "
+            f"<b>{'met' if v.ad_goal_met else 'not met'}</b>."
             + (
                 " Caution: the pd_rel difference is within one std over replica pairs (not significant;"
                 " more replicas or test rows would tell)."
-                if v["within_noise"]
+                if v.ad_within_noise
                 else ""
             )
         )
+    elif v is not None and base:
+        lines.append("No anti-distillation arm is within the logloss tolerance of the baseline.")
 
     sections: list[tuple[str, str]] = []
     sections.append(("Summary", "<div class='verdict'>" + "<br>".join(lines) + "</div>"))
@@ -531,7 +516,7 @@ def write_report(exp_dir: str | Path) -> Path:
         f"data <code>{html.escape(str(data_dir))}</code>.</p>"
         f"{body}</body></html>"
     )
-    out = exp_dir / "report.html"
+    out = ExperimentDir(exp_dir).report_html
     out.write_text(doc)
     _write_markdown(exp_dir, results, header, rows, lines, front)
     return out
@@ -621,4 +606,4 @@ def _write_markdown(
         "calibration, component correlations) are in `report.html`.",
         "",
     ]
-    (exp_dir / "report.md").write_text("\n".join(md))
+    ExperimentDir(exp_dir).report_md.write_text("\n".join(md))

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ctr_ad.experiment import load_experiment_config, run_experiment
+from ctr_ad.experiment import decide_verdict, load_experiment_config, run_experiment
 from ctr_ad.ingest.pipeline import run_ingest
-from ctr_ad.report import frequency_buckets, pareto_front, verdict, write_report
+from ctr_ad.report import frequency_buckets, pareto_front, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
 CRITEO = [ROOT / "data" / "criteo-kaggle-8k" / f"{s}.tsv" for s in ("train", "dev", "test")]
@@ -116,16 +116,25 @@ def test_verdict_against_the_goal() -> None:
     def arm(role: str, logloss: float, pd_rel: float) -> dict:
         return {
             "role": role,
+            "kind": "model",
             "accuracy": {"logloss": {"mean": logloss}, "auc": {"mean": 0.7}},
             "pd": {"pd_rel": {"mean": pd_rel, "std": 0.01}},
         }
 
-    results = {"baseline": "p", "arms": {"p": arm("plain", 0.45, 0.2), "a": arm("anti_distillation", 0.4505, 0.13)}}
-    v = verdict(results)
-    assert v["arm"] == "a" and v["met"] and v["pd_rel_ratio"] == pytest.approx(0.65)
-    assert not v["within_noise"]
-    results["arms"]["a"] = arm("anti_distillation", 0.46, 0.05)
-    assert not verdict(results)["met"]
+    arms = {"p": arm("plain", 0.45, 0.2), "a": arm("anti_distillation", 0.4505, 0.09)}
+    v = decide_verdict(arms, tolerance=0.003, goal=0.5)
+    assert v.baseline_arm == "p" and v.best_arm == "a" and v.ad_arm == "a"
+    assert v.ad_goal_met and v.goal_met and v.ad_pd_rel_ratio == pytest.approx(0.45)
+    assert v.logloss_ratio == pytest.approx(0.4505 / 0.45)
+    assert not v.ad_within_noise
+    # Beyond the logloss tolerance the AD arm is neither the best arm nor a candidate at all.
+    arms["a"] = arm("anti_distillation", 0.46, 0.05)
+    v = decide_verdict(arms, tolerance=0.003, goal=0.5)
+    assert v.best_arm == "p" and v.ad_arm is None and not v.ad_goal_met and not v.goal_met
+    # Within tolerance but above the goal: not met, and a 0.005 difference is inside the 0.01 noise.
+    arms["a"] = arm("anti_distillation", 0.4501, 0.195)
+    v = decide_verdict(arms, tolerance=0.003, goal=0.5)
+    assert v.ad_arm == "a" and not v.ad_goal_met and v.ad_within_noise
 
 
 def test_frequency_buckets(report: Path) -> None:

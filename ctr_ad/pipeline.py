@@ -27,7 +27,6 @@ one recorded in the state file after its last successful run and its outputs sti
 
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import logging
@@ -38,28 +37,24 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 import ctr_ad
+from ctr_ad.artifacts import OfflineMetrics, read_manifest, read_offline_metrics, write_document
 from ctr_ad.errors import UserError
+from ctr_ad.files import atomic_write_text, utc_timestamp
 from ctr_ad.hashing import sha256_file
+from ctr_ad.layout import ExperimentDir, PipelineDir, PublishedDir
+from ctr_ad.strict import StrictModel, load_model
 
 logger = logging.getLogger(__name__)
 
-STATE = "pipeline-state.json"
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class SyntheticSpec(_Strict):
+class SyntheticSpec(StrictModel):
     rows: int = Field(ge=100)
     seed: int = 0
 
 
-class DatasetSpec(_Strict):
+class DatasetSpec(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     source: str
     inputs: list[str] = Field(default_factory=list)
@@ -81,7 +76,7 @@ class DatasetSpec(_Strict):
         return self
 
 
-class PipelineConfig(_Strict):
+class PipelineConfig(StrictModel):
     out: str
     experiment: str
     datasets: list[DatasetSpec] = Field(min_length=1)
@@ -99,28 +94,10 @@ class PipelineConfig(_Strict):
 
 def load_pipeline(path: str | Path) -> tuple[PipelineConfig, Path]:
     """Validate a pipeline file; returns (config, the file's directory)."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"{path}: pipeline file not found")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise UserError(f"{path}: not valid YAML ({exc})") from None
-    try:
-        return PipelineConfig.model_validate(data), path.parent
-    except ValidationError as exc:
-        parts = []
-        for err in exc.errors():
-            key = ".".join(str(p) for p in err["loc"]) or "<root>"
-            parts.append(f"unknown key '{key}'" if err["type"] == "extra_forbidden" else f"'{key}': {err['msg']}")
-        raise UserError(f"{path}: {'; '.join(parts)}") from None
+    return load_model(PipelineConfig, path, "pipeline file"), Path(path).parent
 
 
 # --------------------------------------------------------------------------------------------- hashing/state
-def file_hash(path: Path) -> str:
-    return sha256_file(path)
-
-
 def obj_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
@@ -128,8 +105,8 @@ def obj_hash(obj: Any) -> str:
 class StepRunner:
     """Runs named steps, skipping those whose input hash matches the state file, and logs durations."""
 
-    def __init__(self, out: Path) -> None:
-        self.path = out / STATE
+    def __init__(self, out: PipelineDir) -> None:
+        self.path = out.state
         self.state: dict[str, Any] = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.log: list[dict[str, Any]] = []
 
@@ -147,7 +124,7 @@ class StepRunner:
         dt = time.perf_counter() - t0
         self.state[name] = {
             "hash": digest,
-            "finished_at": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+            "finished_at": utc_timestamp(),
             "duration_s": round(dt, 2),
         }
         self._save()
@@ -156,9 +133,7 @@ class StepRunner:
         return True
 
     def _save(self) -> None:
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(json.dumps(self.state, indent=1, sort_keys=True))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, json.dumps(self.state, indent=1, sort_keys=True))
 
 
 # --------------------------------------------------------------------------------------------- steps
@@ -169,49 +144,47 @@ def _resolve(path: str, base: Path) -> Path:
     return base / p
 
 
-def _publish(exp_dir: Path, published: Path, dataset: str) -> dict[str, Any]:
+def _publish(exp: ExperimentDir, published: PublishedDir, dataset: str) -> OfflineMetrics:
     """Copy the best arm's bundle (replica 0) into ``published/bundles/`` and point CURRENT at it."""
     from ctr_ad.experiment import best_bundle, load_results
 
-    results = load_results(exp_dir)
-    bundle = best_bundle(exp_dir, results)
+    results = load_results(exp.root)
+    bundle = best_bundle(exp.root, results)
     if bundle is None:
-        raise UserError(f"{exp_dir}: no best arm with a bundle to publish (see report.html)")
+        raise UserError(f"{exp.root}: no best arm with a bundle to publish (see report.html)")
     best = results["best"]
     arm = results["arms"][best]
-    checksum = file_hash(bundle / "checksums.sha256")[:12]
-    target_name = f"{dataset}-{best}-{checksum}"
-    bundles = published / "bundles"
-    bundles.mkdir(parents=True, exist_ok=True)
-    target = bundles / target_name
+    target_name = f"{dataset}-{best}-{sha256_file(bundle / 'checksums.sha256')[:12]}"
+    published.bundles.mkdir(parents=True, exist_ok=True)
+    target = published.bundle(target_name)
     _copy_bundle(bundle, target)
     # Replica 1 of the same arm: same data, config and code, other seeds — the service's shadow model
     # for live PD monitoring (its expected PD against the main bundle is the offline pd_rel).
-    shadow_src = bundle.parents[2] / "r1" / "run" / "bundle"
-    shadow = bundles / (target_name + "-shadow")
+    shadow_src = exp.replica(best, 1).run.bundle
+    shadow = published.bundle(target_name + "-shadow")
     if shadow_src.is_dir():
         _copy_bundle(shadow_src, shadow)
     base = results.get("baseline")
-    metrics = {
-        "bundle": str(Path("bundles") / target_name),
-        "shadow_bundle": str(Path("bundles") / shadow.name) if shadow.is_dir() else None,
-        "dataset": dataset,
-        "arm": best,
-        "best_rule": results["best_rule"],
-        "pd_rel": arm["pd"]["pd_rel"]["mean"],
-        "pd_rel_std": arm["pd"]["pd_rel"]["std"],
-        "pd_abs": arm["pd"]["pd_abs"]["mean"],
-        "logloss": arm["accuracy"]["logloss"]["mean"],
-        "auc": arm["accuracy"]["auc"]["mean"],
-        "replicas": arm["replicas"],
-        "baseline": base,
-        "baseline_pd_rel": results["arms"][base]["pd"]["pd_rel"]["mean"] if base else None,
-        "data_fingerprint": (results.get("manifest") or {}).get("fingerprint"),
-        "report": str((exp_dir / "report.html").resolve()),
-        "published_at": _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-    }
-    _atomic_write(published / "offline_metrics.json", json.dumps(metrics, indent=1) + "\n")
-    _atomic_write(published / "CURRENT", metrics["bundle"] + "\n")
+    metrics = OfflineMetrics(
+        bundle=str(target.relative_to(published.root)),
+        shadow_bundle=str(shadow.relative_to(published.root)) if shadow.is_dir() else None,
+        dataset=dataset,
+        arm=best,
+        best_rule=results["best_rule"],
+        pd_rel=arm["pd"]["pd_rel"]["mean"],
+        pd_rel_std=arm["pd"]["pd_rel"]["std"],
+        pd_abs=arm["pd"]["pd_abs"]["mean"],
+        logloss=arm["accuracy"]["logloss"]["mean"],
+        auc=arm["accuracy"]["auc"]["mean"],
+        replicas=arm["replicas"],
+        baseline=base,
+        baseline_pd_rel=results["arms"][base]["pd"]["pd_rel"]["mean"] if base else None,
+        data_fingerprint=(results.get("manifest") or {}).get("fingerprint"),
+        report=str(exp.report_html.resolve()),
+        published_at=utc_timestamp(),
+    )
+    write_document(published.offline_metrics, metrics)
+    atomic_write_text(published.current, metrics.bundle + "\n")
     return metrics
 
 
@@ -225,108 +198,101 @@ def _copy_bundle(src: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def current_bundle(published: str | Path) -> Path:
     """The bundle directory that ``published/CURRENT`` points to."""
-    published = Path(published)
-    pointer = published / "CURRENT"
-    if not pointer.is_file():
-        raise UserError(f"{pointer}: nothing published yet")
-    return published / pointer.read_text().strip()
+    pub = PublishedDir(Path(published))
+    if not pub.current.is_file():
+        raise UserError(f"{pub.current}: nothing published yet")
+    return pub.root / pub.current.read_text().strip()
 
 
 def run_pipeline(path: str | Path) -> dict[str, Any]:
     """Run a pipeline file; returns {published metrics, report paths, step log}."""
-    from ctr_ad.experiment import load_experiment_config, run_experiment
-    from ctr_ad.ingest.pipeline import run_ingest
-    from ctr_ad.report import write_report
-    from ctr_ad.synthetic import write_synthetic
+    from ctr_ad.experiment import load_experiment_config
 
     cfg, base = load_pipeline(path)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = PipelineDir(Path(cfg.out))
+    out.root.mkdir(parents=True, exist_ok=True)
     # Validate every experiment config before anything runs.
     exp_cfgs = {ds.name: load_experiment_config(_resolve(ds.experiment or cfg.experiment, base)) for ds in cfg.datasets}
     steps = StepRunner(out)
-    version = ctr_ad.__version__
     t0 = time.perf_counter()
-    reports: dict[str, str] = {}
-
-    for ds in cfg.datasets:
-        data_dir = out / "data" / ds.name
-        exp_dir = out / "experiments" / ds.name
-        if ds.synthetic is not None:
-            raw = out / "raw" / f"{ds.name}.tsv.gz"
-            syn = ds.synthetic
-            steps.run(
-                f"{ds.name}/synthesise",
-                {"rows": syn.rows, "seed": syn.seed, "version": version},
-                [raw],
-                lambda raw=raw, syn=syn: write_synthetic(raw, syn.rows, syn.seed),
-            )
-            inputs = [raw]
-        else:
-            inputs = [_resolve(p, Path.cwd()) for p in ds.inputs]
-            missing = [str(p) for p in inputs if not p.is_file()]
-            if missing:
-                raise UserError(f"dataset {ds.name}: input file(s) not found: {missing}")
-        exp_cfg = exp_cfgs[ds.name]
-        options = ds.model_dump(exclude={"name", "inputs", "synthetic", "experiment"})
-        ingest_key = {"inputs": [file_hash(p) for p in inputs], "options": options, "version": version}
-
-        def ingest(ds: DatasetSpec = ds, inputs: list[Path] = inputs, data_dir: Path = data_dir) -> None:
-            if data_dir.exists():
-                shutil.rmtree(data_dir)
-            run_ingest(
-                inputs,
-                ds.source,
-                data_dir,
-                split=ds.split,
-                valid_frac=ds.valid_frac,
-                test_frac=ds.test_frac,
-                min_count=ds.min_count,
-                seed=ds.seed,
-                workers=ds.workers,
-                quiet=True,
-            )
-
-        steps.run(f"{ds.name}/ingest", ingest_key, [data_dir / "manifest.json"], ingest)
-        fingerprint = json.loads((data_dir / "manifest.json").read_text())["fingerprint"]
-        exp_key = {"data": fingerprint, "experiment": exp_cfg.model_dump(mode="json"), "version": version}
-        steps.run(
-            f"{ds.name}/experiment",
-            exp_key,
-            [exp_dir / "results.json"],
-            lambda data_dir=data_dir, exp_dir=exp_dir, exp_cfg=exp_cfg: run_experiment(data_dir, exp_cfg, exp_dir),
-        )
-        results_hash = file_hash(exp_dir / "results.json")
-        steps.run(
-            f"{ds.name}/report",
-            {"results": results_hash, "version": version},
-            [exp_dir / "report.html", exp_dir / "report.md"],
-            lambda exp_dir=exp_dir: write_report(exp_dir),
-        )
-        reports[ds.name] = str(exp_dir / "report.html")
-
+    reports = {ds.name: str(_run_dataset(steps, out, ds, exp_cfgs[ds.name])) for ds in cfg.datasets}
     target = cfg.publish or cfg.datasets[0].name
-    exp_dir = out / "experiments" / target
-    published = out / "published"
+    exp, published = out.experiment(target), out.published
     steps.run(
         "publish",
-        {"results": file_hash(exp_dir / "results.json"), "dataset": target, "version": version},
-        [published / "CURRENT", published / "offline_metrics.json"],
-        lambda: _publish(exp_dir, published, target),
+        {"results": sha256_file(exp.results), "dataset": target, "version": ctr_ad.__version__},
+        [published.current, published.offline_metrics],
+        lambda: _publish(exp, published, target),
     )
-    metrics = json.loads((published / "offline_metrics.json").read_text())
-    bundle = current_bundle(published)
+    metrics = read_offline_metrics(published.offline_metrics)
+    bundle = current_bundle(published.root)
     logger.info(f"finished in {time.perf_counter() - t0:.1f}s")
     for name, report in reports.items():
         logger.info(f"report ({name}): {report}")
-    logger.info(f"published bundle: {bundle} (arm {metrics['arm']}, offline pd_rel {metrics['pd_rel']:.4f})")
+    logger.info(f"published bundle: {bundle} (arm {metrics.arm}, offline pd_rel {metrics.pd_rel:.4f})")
     logger.info(f"serve it with: ctr-ad serve --bundle {bundle}")
-    return {"published": metrics, "bundle": str(bundle), "reports": reports, "steps": steps.log}
+    return {"published": metrics.model_dump(mode="json"), "bundle": str(bundle), "reports": reports,
+            "steps": steps.log}
+
+
+def _dataset_inputs(steps: StepRunner, out: PipelineDir, ds: DatasetSpec) -> list[Path]:
+    """The raw files of a dataset: its inputs, or the synthetic log generated for it."""
+    from ctr_ad.synthetic import write_synthetic
+
+    if ds.synthetic is None:
+        inputs = [_resolve(p, Path.cwd()) for p in ds.inputs]
+        missing = [str(p) for p in inputs if not p.is_file()]
+        if missing:
+            raise UserError(f"dataset {ds.name}: input file(s) not found: {missing}")
+        return inputs
+    raw, syn = out.raw(ds.name), ds.synthetic
+    steps.run(
+        f"{ds.name}/synthesise",
+        {"rows": syn.rows, "seed": syn.seed, "version": ctr_ad.__version__},
+        [raw],
+        lambda: write_synthetic(raw, syn.rows, syn.seed),
+    )
+    return [raw]
+
+
+def _run_dataset(steps: StepRunner, out: PipelineDir, ds: DatasetSpec, exp_cfg: Any) -> Path:
+    """(synthesise →) ingest → experiment → report for one dataset; returns the report's path."""
+    from ctr_ad.experiment import run_experiment
+    from ctr_ad.ingest.pipeline import run_ingest
+    from ctr_ad.report import write_report
+
+    version = ctr_ad.__version__
+    data, exp = out.data(ds.name), out.experiment(ds.name)
+    inputs = _dataset_inputs(steps, out, ds)
+    options = ds.model_dump(exclude={"name", "inputs", "synthetic", "experiment"})
+    ingest_key = {"inputs": [sha256_file(p) for p in inputs], "options": options, "version": version}
+
+    def ingest() -> None:
+        if data.root.exists():
+            shutil.rmtree(data.root)
+        run_ingest(
+            inputs,
+            ds.source,
+            data.root,
+            split=ds.split,
+            valid_frac=ds.valid_frac,
+            test_frac=ds.test_frac,
+            min_count=ds.min_count,
+            seed=ds.seed,
+            workers=ds.workers,
+            quiet=True,
+        )
+
+    steps.run(f"{ds.name}/ingest", ingest_key, [data.manifest], ingest)
+    exp_key = {"data": read_manifest(data.root).fingerprint, "experiment": exp_cfg.model_dump(mode="json"),
+               "version": version}
+    steps.run(f"{ds.name}/experiment", exp_key, [exp.results], lambda: run_experiment(data.root, exp_cfg, exp.root))
+    steps.run(
+        f"{ds.name}/report",
+        {"results": sha256_file(exp.results), "version": version},
+        [exp.report_html, exp.report_md],
+        lambda: write_report(exp.root),
+    )
+    return exp.report_html

@@ -33,9 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from ctr_ad.config import Config
-from ctr_ad.losses import penalty_value, summed_bce
+from ctr_ad.losses import summed_bce
 from ctr_ad.model import EnsembleCTR
 from ctr_ad.optim import build_optimizers
+from ctr_ad.penalties import penalty_value
 
 from common import format_table, machine_info, utc_timestamp, write_json
 

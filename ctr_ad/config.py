@@ -48,7 +48,7 @@ class ModelConfig(_Section):
 
 
 class AntiDistillationConfig(_Section):
-    penalty: str = Field("none", description="'none' or a name in ctr_ad.losses.PENALTIES")
+    penalty: str = Field("none", description="'none' or a name in ctr_ad.penalties.PENALTIES")
     lam: float = Field(0.0, ge=0.0, alias="lambda", description="penalty weight λ (0 = plain ensemble)")
     warmup_steps: int = Field(0, ge=0, description="λ grows linearly from 0 over this many steps")
     data_order: Literal["shared", "independent"] = "shared"
@@ -61,7 +61,7 @@ class AntiDistillationConfig(_Section):
     @field_validator("penalty")
     @classmethod
     def _known_penalty(cls, name: str) -> str:
-        from ctr_ad.losses import available_penalties
+        from ctr_ad.penalties import available_penalties
 
         known = available_penalties()
         if name != "none" and name not in known:

@@ -66,9 +66,10 @@ from ctr_ad.errors import UserError
 from ctr_ad.evaluation import Evaluation, autocast, evaluate
 from ctr_ad.files import finite_or_none
 from ctr_ad.layout import DataDir, RunDir
-from ctr_ad.losses import lambda_at, penalty_value, summed_bce
+from ctr_ad.losses import lambda_at, summed_bce
 from ctr_ad.model import EnsembleCTR
 from ctr_ad.optim import build_optimizers, build_schedulers, clip_grad_norm
+from ctr_ad.penalties import penalty_value
 
 logger = logging.getLogger(__name__)
 

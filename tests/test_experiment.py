@@ -20,8 +20,7 @@ from ctr_ad.experiment import (
     select_best,
 )
 from ctr_ad.ingest.pipeline import run_ingest
-from ctr_ad.losses import PENALTIES
-from ctr_ad.penalties_extra import hinge_decorrelation, prob_decorrelation
+from ctr_ad.penalties import PENALTIES, hinge_decorrelation, prob_decorrelation
 
 ROOT = Path(__file__).resolve().parents[1]
 CRITEO = [ROOT / "data" / "criteo-kaggle-8k" / f"{s}.tsv" for s in ("train", "dev", "test")]

@@ -9,16 +9,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ctr_ad.losses import (
+from ctr_ad.losses import lambda_at, summed_bce
+from ctr_ad.penalties import (
     PENALTIES,
     deviation_decorrelation,
-    lambda_at,
     negative_correlation,
     output_decorrelation,
     pairwise_correlation,
     penalty_value,
     register_penalty,
-    summed_bce,
 )
 
 TINY = 1e-12  # eps small enough not to move hand-computed correlations

@@ -242,7 +242,7 @@ def current_bundle(published: str | Path) -> Path:
 def run_pipeline(path: str | Path, say: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run a pipeline file; returns {published metrics, report paths, step log}."""
     from ctr_ad.experiment import load_experiment_config, run_experiment
-    from ctr_ad.ingest.pipeline import run_ingest
+    from ctr_ad.ingest.run import run_ingest
     from ctr_ad.report import write_report
     from ctr_ad.synthetic import write_synthetic
 

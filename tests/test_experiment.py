@@ -19,7 +19,7 @@ from ctr_ad.experiment import (
     select_baseline,
     select_best,
 )
-from ctr_ad.ingest.pipeline import run_ingest
+from ctr_ad.ingest.run import run_ingest
 from ctr_ad.losses import PENALTIES
 from ctr_ad.penalties_extra import hinge_decorrelation, prob_decorrelation
 

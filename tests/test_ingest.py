@@ -15,7 +15,7 @@ import pytest
 
 from ctr_ad.errors import UserError
 from ctr_ad.features import SMALL_BATCH_ROWS, FeatureProcessor
-from ctr_ad.ingest.pipeline import run_ingest
+from ctr_ad.ingest.run import run_ingest
 from ctr_ad.ingest.reader import read_raw
 from ctr_ad.schema import CRITEO_CATEGORICAL
 

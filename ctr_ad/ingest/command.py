@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctr_ad.ingest.pipeline import run_ingest
+    from ctr_ad.ingest.run import run_ingest
 
     manifest = run_ingest(
         args.input, args.source, args.out, split=args.split, valid_frac=args.valid_frac,

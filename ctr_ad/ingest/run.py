@@ -4,25 +4,30 @@ Two passes over bounded blocks of lines, so memory does not grow with the input:
 1. parse and validate every block (quarantining bad lines), decide each row's split from its
    position among the data lines (sequential: the latest lines are the test split; random: a seeded
    hash of the position; files: one file per split), count the categorical values and dense moments
-   of its training rows, and spill the typed block to a temporary Arrow file;
-2. fit the feature processor from the merged counts (training rows only), transform every spilled
-   block and append it to its split file.
+   of its training rows (``FeatureProcessor.partial_fit``), and spill the typed block to a temporary
+   Arrow file;
+2. transform every spilled block with the fitted feature processor and append it to its split file.
 A sequential split needs the number of data lines first: a quick pre-pass counts newlines.
 Blocks are independent, so both passes run on ``workers`` processes; the main process merges their
 results in block order, so the output is byte-identical for any worker count.
-Outputs are written under temporary names and renamed at the end: an interrupted run never leaves a
-file that looks complete.
+
+Publishing is all or nothing: everything is written to a hidden staging directory beside ``out``
+(``.<name>.ingest-tmp-<pid>``, spills included), ``manifest.json`` last, and the staging directory then
+replaces ``out`` as a whole. A failed or killed run leaves an existing ``out`` untouched; its staging
+directory is removed on exit, after ``kill -9`` by a janitor process, and by the next run on start.
+Disk needed: the spills take about 2.5x the uncompressed input, plus the new outputs, while the old
+dataset stays in place until the swap.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import hashlib
 import json
+import logging
 import os
 import platform
-import re
-import shutil
 import sys
 import time
 from collections import Counter
@@ -40,21 +45,33 @@ import pyarrow.parquet as pq
 
 from ctr_ad import __version__
 from ctr_ad.errors import UserError
-from ctr_ad.features import CategoryCounter, DenseStats, FeatureProcessor
+from ctr_ad.features import FeatureProcessor
+from ctr_ad.files import atomic_write_text, replace_dir
 from ctr_ad.hashing import sha256_file
+from ctr_ad.ingest.lifecycle import Janitor, remove_stale_staging, staging_dir, worker_init
+from ctr_ad.ingest.options import IngestOptions
+from ctr_ad.ingest.quarantine import quarantine_summary, reason_kind, too_many_bad
 from ctr_ad.ingest.reader import (
     DEFAULT_BLOCK_BYTES,
     Layout,
+    LongLine,
     iter_line_blocks,
-    open_binary,
     open_source,
     parse_block,
+    read_chunks,
 )
 from ctr_ad.schema import get_source
+
+log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
 SPLIT_MODES = ("sequential", "random", "files")
 PARQUET_COMPRESSION = "zstd"
+QUARANTINE = "quarantine.jsonl"
+MANIFEST = "manifest.json"
+#: The files of a published dataset; anything else found in ``out`` is refused, not silently kept.
+DATASET_FILES = (*(f"{s}.parquet" for s in SPLITS), "features.json", QUARANTINE, MANIFEST)
+__all__ = ["IngestOptions", "reason_kind", "run_ingest"]
 
 
 @dataclass(frozen=True)
@@ -91,32 +108,27 @@ class BlockTask:
     layout: Layout
     first_line: int
     block: bytes
+    long_lines: tuple[LongLine, ...]
     spill: str
     file_index: int
     line_offset: int  # global data-line position of the file's first data line
 
 
 # --------------------------------------------------------------------------------------- workers
-def _worker_init() -> None:
-    # Worker processes split the cores between them: one polars thread each avoids oversubscription.
-    os.environ["POLARS_MAX_THREADS"] = "1"
-
-
 def _parse_count_spill(task: BlockTask, plan: SplitPlan, categorical: list[str], dense: list[str],
-                       transform: str) -> tuple[int, list[int], int, list, dict, tuple]:
+                       transform: str) -> tuple[int, list[int], int, list, tuple]:
     """Pass 1 on one block: validate, assign splits, count the training rows, spill."""
-    parsed = parse_block(task.layout, task.first_line, task.block)
+    parsed = parse_block(task.layout, task.first_line, task.block, task.long_lines)
     frame = parsed.frame
     positions = frame.get_column("_line").to_numpy() - task.layout.first_data_line + task.line_offset
     codes = plan.codes(positions, task.file_index)
     frame = frame.with_columns(_split=pl.Series(codes, dtype=pl.Int8))
     train = frame.filter(pl.col("_split") == 0) if (codes != 0).any() else frame
-    counts = CategoryCounter.block_counts(train, categorical)
-    stats = DenseStats(dense, transform).block_stats(train)
+    statistics = FeatureProcessor.fit_statistics(train, categorical, dense, transform)
     # Arrow IPC, uncompressed: the cheapest format to read back once.
     frame.write_ipc(task.spill, compression="uncompressed")
     per_split = np.bincount(codes, minlength=len(SPLITS)).tolist()
-    return frame.height, per_split, parsed.lines_read, parsed.quarantine, counts, stats
+    return frame.height, per_split, parsed.lines_read, parsed.quarantine, statistics
 
 
 @functools.lru_cache(maxsize=2)
@@ -129,6 +141,7 @@ def _transform_block(spill: str, features_path: str) -> list[pl.DataFrame]:
     """Pass 2 on one block: model-ready columns, cut by split."""
     fp = _load_features(features_path)
     frame = pl.read_ipc(spill)
+    os.unlink(spill)  # read once: free its disk space as the pass goes
     codes = frame.get_column("_split")
     model = fp.transform(frame)
     if codes.n_unique() == 1:  # a whole block in one split (sequential/files): no filtering copies
@@ -141,10 +154,9 @@ def count_data_lines(path: Path, layout: Layout) -> int:
     """Data lines of a file (header excluded), counted from raw bytes without parsing."""
     lines = 0
     last = b"\n"
-    with open_binary(path) as fh:
-        for chunk in iter(lambda: fh.read(1 << 24), b""):
-            lines += chunk.count(b"\n")
-            last = chunk[-1:]
+    for chunk in read_chunks(path, 1 << 24):
+        lines += chunk.count(b"\n")
+        last = chunk[-1:]
     if last != b"\n":
         lines += 1
     return max(lines - (layout.first_data_line - 1), 0)
@@ -167,25 +179,54 @@ def _ordered_map(fn: Callable, args: Iterable[tuple], pool: ProcessPoolExecutor 
         yield fut.result()
 
 
-def reason_kind(reason: str) -> str:
-    """Group quarantine reasons for a summary: drop the offending values."""
-    kind = re.sub(r"found \d+", "found other", reason)
-    return re.sub(r"^((?:field|label) \S+): .* (is not .*)$", r"\1 \2", kind)
+def _progress(iterable: Iterable, quiet: bool, desc: str) -> Iterable:
+    """A tqdm bar on an interactive stderr (never in logs or tests)."""
+    if quiet or not sys.stderr.isatty():
+        return iterable
+    from tqdm import tqdm
+
+    return tqdm(iterable, desc=desc, unit="block", leave=False)
 
 
-def _quarantine_summary(by_kind: Counter, examples: list[dict], read: int, bad: int, limit: float) -> str:
-    lines = [f"{bad} of {read} rows ({bad / max(read, 1):.2%}) are malformed, above --max-bad-fraction "
-             f"{limit:.2%}. Most common reasons:"]
-    lines += [f"  {n:>8}  {k}" for k, n in by_kind.most_common(5)]
-    lines += ["First bad lines:"]
-    lines += [f"  {e['file']}:{e['line']}: {e['reason']}" for e in examples[:5]]
-    lines += ["All bad lines are listed in quarantine.jsonl; raise --max-bad-fraction to accept them."]
-    return "\n".join(lines)
+def check_output_dir(out: Path) -> None:
+    """Refuse an ``--out`` that cannot be replaced by a dataset, before any work is done."""
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{out}: exists and is not a directory; --out names the dataset directory")
+    if out.is_dir():
+        unrelated = sorted(p.name for p in out.iterdir()
+                           if p.name not in DATASET_FILES and p.name != ".ingest-tmp")
+        if unrelated:
+            shown = ", ".join(unrelated[:5]) + (" …" if len(unrelated) > 5 else "")
+            raise UserError(f"{out}: holds files that are not part of a dataset ({shown}); an ingest "
+                            f"replaces the whole directory: move them away or choose another --out")
+        if not os.access(out, os.W_OK):
+            raise UserError(f"{out}: output directory is read-only")
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"{parent}: cannot create the output's parent directory ({exc.strerror})") from None
+    if not os.access(parent, os.W_OK):
+        raise UserError(f"{parent}: read-only; the dataset is staged and swapped in there")
 
 
-def _log(msg: str, quiet: bool) -> None:
-    if not quiet:
-        print(f"[ingest] {msg}", file=sys.stderr, flush=True)
+def _os_error(exc: OSError, where: Path) -> Exception:
+    """One line naming the file for a write error (disk full, read-only file system, permissions)."""
+    name = exc.filename or where
+    if exc.errno == errno.ENOSPC:
+        return OSError(exc.errno, f"{name}: no space left on device while writing the dataset "
+                                  f"(the old one, if any, is untouched)")
+    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UserError(f"{name}: cannot write ({exc.strerror}); choose a writable --out")
+    return exc
+
+
+def _resolve_options(options: IngestOptions | None, overrides: dict[str, Any]) -> IngestOptions:
+    base = options.model_dump() if options is not None else {}
+    unknown = sorted(set(overrides) - set(IngestOptions.model_fields))
+    if unknown:
+        raise TypeError(f"run_ingest() got unexpected keyword argument(s) {unknown}")
+    return IngestOptions.of({**base, **overrides})
 
 
 # --------------------------------------------------------------------------------------- main
@@ -193,30 +234,26 @@ def run_ingest(
     inputs: list[Path],
     source: str,
     out: Path,
-    split: str = "sequential",
-    valid_frac: float = 0.1,
-    test_frac: float = 0.1,
-    min_count: int = 2,
-    seed: int = 0,
-    max_bad_fraction: float = 0.01,
-    workers: int = 1,
+    options: IngestOptions | None = None,
+    *,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     quiet: bool = False,
+    **overrides: Any,
 ) -> dict:
-    """Ingest ``inputs`` into ``out``; returns the manifest (also written to ``out/manifest.json``)."""
-    started = time.time()
-    spec = get_source(source)
+    """Ingest ``inputs`` into ``out``; returns the manifest (also written to ``out/manifest.json``).
+
+    ``options`` (or keyword overrides of its fields, e.g. ``split="files"``) say how; ``quiet`` turns
+    off progress bars (messages go to the ``ctr_ad.ingest.run`` logger). ``out`` is replaced only
+    when the whole run succeeds.
+    """
+    opts = _resolve_options(options, overrides)
+    out = Path(out)
     inputs = [Path(p) for p in inputs]
     if not inputs:
         raise UserError("no input files")
-    if split not in SPLIT_MODES:
-        raise UserError(f"--split {split!r}: choose one of {', '.join(SPLIT_MODES)}")
-    if split == "files" and len(inputs) != 3:
+    if opts.split == "files" and len(inputs) != 3:
         raise UserError("--split files takes exactly 3 inputs: train, valid, test (in that order)")
-    if not (0 <= valid_frac < 1 and 0 <= test_frac < 1 and valid_frac + test_frac < 1):
-        raise UserError("--valid-frac and --test-frac must be in [0, 1) and sum to less than 1")
-    if min_count < 1:
-        raise UserError("--min-count must be at least 1")
+    spec = get_source(source)
     layouts = [open_source(p, spec) for p in inputs]
     for lay in layouts:
         if lay.label is None:
@@ -224,56 +261,80 @@ def run_ingest(
                             f"(score unlabeled logs with `ctr-ad predict`)")
         if lay.dense != layouts[0].dense:
             raise UserError(f"{lay.path}: dense columns differ from {layouts[0].path}")
-    dense = list(layouts[0].dense)
+    check_output_dir(out)
+    for stale in remove_stale_staging(out):
+        log.info("removed %s left by an interrupted ingest", stale)
+    stage = staging_dir(out)
+    try:
+        stage.mkdir()
+    except OSError as exc:
+        raise _os_error(exc, stage) from None
+    janitor = Janitor(stage)
+    try:
+        manifest = _ingest_into(stage, inputs, layouts, source, out, opts, block_bytes, quiet)
+        replace_dir(stage, out)
+    except OSError as exc:
+        raise _os_error(exc, stage) from None
+    finally:
+        janitor.close()
+    log.info("wrote %s: %s in %.1fs", out, ", ".join(f"{k}={v}" for k, v in manifest["splits"].items()),
+             manifest["run"]["elapsed_s"])
+    return manifest
 
-    out.mkdir(parents=True, exist_ok=True)
-    tmp = out / ".ingest-tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    pool = (ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_worker_init)
+
+def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source: str, out: Path,
+                 opts: IngestOptions, block_bytes: int, quiet: bool) -> dict:
+    """Both passes, writing every output into ``stage`` (manifest last); returns the manifest."""
+    started = time.time()
+    spec = get_source(source)
+    dense = list(layouts[0].dense)
+    workers = opts.workers
+    spill_dir = stage / ".spills"
+    spill_dir.mkdir()
+    pool = (ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=worker_init,
+                                initargs=(os.getpid(),))
             if workers > 1 else None)
     window = max(2 * workers, 2)
     try:
         # ---- pass 1: parse, validate, split, count the training rows, spill
-        _log(f"reading {len(inputs)} file(s) as {source} with {workers} worker(s)", quiet)
+        log.info("reading %d file(s) as %s with %d worker(s)", len(inputs), source, workers)
         line_offsets = [0] * len(inputs)
-        plan = SplitPlan(split, seed, 0, 0, valid_frac, test_frac)
-        if split == "sequential":
+        plan = SplitPlan(opts.split, opts.seed, 0, 0, opts.valid_frac, opts.test_frac)
+        if opts.split == "sequential":
             data_lines = [count_data_lines(p, lay) for p, lay in zip(inputs, layouts, strict=True)]
             line_offsets = [sum(data_lines[:i]) for i in range(len(inputs))]
             total = sum(data_lines)
-            n_test, n_valid = round(total * test_frac), round(total * valid_frac)
-            plan = SplitPlan(split, seed, total - n_valid - n_test, n_valid, valid_frac, test_frac)
+            n_test, n_valid = round(total * opts.test_frac), round(total * opts.valid_frac)
+            plan = SplitPlan(opts.split, opts.seed, total - n_valid - n_test, n_valid, opts.valid_frac,
+                             opts.test_frac)
         file_stats = [{"path": str(p), "rows_read": 0, "rows_written": 0, "rows_quarantined": 0}
                       for p in inputs]
         spills: list[str] = []
         split_rows = dict.fromkeys(SPLITS, 0)
         by_kind: Counter = Counter()
         examples: list[dict] = []
-        counter = CategoryCounter(list(spec.categorical))
-        stats = DenseStats(dense, spec.dense_transform)
-        quarantine_tmp = tmp / "quarantine.jsonl"
-
+        fp = FeatureProcessor.unfitted(source, spec, dense, opts.min_count)
         task_files: list[int] = []
 
         def tasks() -> Iterator[tuple]:
             for fi, (path, lay) in enumerate(zip(inputs, layouts, strict=True)):
                 offset = line_offsets[fi]
-                if split != "sequential":  # positions only need to be distinct and stable
+                if opts.split != "sequential":  # positions only need to be distinct and stable
                     offset = fi << 40
-                for first_line, block in iter_line_blocks(path, block_bytes):
-                    spill = str(tmp / f"spill-{len(spills):06d}.arrow")
+                for first_line, block, long_lines in iter_line_blocks(path, block_bytes):
+                    spill = str(spill_dir / f"spill-{len(spills):06d}.arrow")
                     spills.append(spill)
                     task_files.append(fi)
-                    task = BlockTask(lay, first_line, block, spill, fi, offset)
+                    task = BlockTask(lay, first_line, block, long_lines, spill, fi, offset)
                     yield task, plan, list(spec.categorical), dense, spec.dense_transform
 
-        with open(quarantine_tmp, "w", encoding="utf-8") as qf:
-            for i, result in enumerate(_ordered_map(_parse_count_spill, tasks(), pool, window)):
-                good, per_split, read, bad, counts, block_stats = result
+        quarantine_path = stage / QUARANTINE
+        with open(quarantine_path, "w", encoding="utf-8") as qf:
+            results = _ordered_map(_parse_count_spill, tasks(), pool, window)
+            for i, result in enumerate(_progress(results, quiet, "ingest: read")):
+                good, per_split, read, bad, statistics = result
                 fi = task_files[i]
-                counter.add_counts(counts)
-                stats.add_stats(block_stats)
+                fp.partial_fit(statistics=statistics)
                 for name, n in zip(SPLITS, per_split, strict=True):
                     split_rows[name] += n
                 fs = file_stats[fi]
@@ -285,82 +346,83 @@ def run_ingest(
                     by_kind[reason_kind(rec["reason"])] += 1
                     if len(examples) < 5:
                         examples.append(rec)
-        shutil.move(str(quarantine_tmp), str(out / "quarantine.jsonl"))
         rows_read = sum(f["rows_read"] for f in file_stats)
         rows_bad = sum(f["rows_quarantined"] for f in file_stats)
         n_rows = sum(f["rows_written"] for f in file_stats)
         for fs in file_stats:
-            assert fs["rows_read"] == fs["rows_written"] + fs["rows_quarantined"], fs
-        _log(f"read {rows_read} rows: {n_rows} valid, {rows_bad} quarantined", quiet)
-        if rows_bad > max_bad_fraction * rows_read:
-            raise UserError(_quarantine_summary(by_kind, examples, rows_read, rows_bad, max_bad_fraction))
+            if fs["rows_read"] != fs["rows_written"] + fs["rows_quarantined"]:
+                raise RuntimeError(f"ingest accounting error: {fs}")
+        log.info("read %d rows: %d valid, %d quarantined", rows_read, n_rows, rows_bad)
+        if too_many_bad(rows_read, rows_bad, opts.max_bad_fraction):
+            kept = out.with_name(f"{out.name}.failed-{QUARANTINE}")
+            os.replace(quarantine_path, kept)
+            raise UserError(quarantine_summary(by_kind, examples, rows_read, rows_bad, opts.max_bad_fraction,
+                                               where=f"{kept} ({out} is left as it was)"))
         if n_rows == 0:
             raise UserError(f"{', '.join(map(str, inputs))}: no valid rows")
-        fp = FeatureProcessor.fit_from(source, spec, dense, counter, stats, min_count)
-        _log("fitted features: vocab sizes " + ", ".join(
-            f"{c}={n}" for c, n in zip(fp.categorical_columns, fp.cardinalities, strict=True)), quiet)
+        log.info("fitted features: vocab sizes %s", ", ".join(
+            f"{c}={n}" for c, n in zip(fp.categorical_columns, fp.cardinalities, strict=True)))
 
         # ---- pass 2: transform and write the splits
-        writers: dict[str, pq.ParquetWriter] = {}
-        schema: pa.Schema | None = None
-        features_path = str(tmp / "features.json")
-        fp.save(Path(features_path))
-        for parts in _ordered_map(_transform_block, ((sp, features_path) for sp in spills), pool, window):
+        features_path = stage / "features.json"
+        fp.save(features_path)
+        _write_splits(stage, spills, str(features_path), pool, window, quiet)
+        spill_dir.rmdir()
+    finally:
+        if pool is not None:
+            pool.shutdown(cancel_futures=True)
+        _load_features.cache_clear()
+
+    # ---- the manifest, last: it names every file by hash
+    outputs = {name: sha256_file(stage / name) for name in [*(f"{s}.parquet" for s in SPLITS), "features.json"]}
+    fingerprint = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(outputs.items())).encode()).hexdigest()
+    manifest = {
+        "format_version": 1,
+        "source": source,
+        "fingerprint": fingerprint,
+        "inputs": [{**fs, "sha256": sha256_file(p)} for fs, p in zip(file_stats, inputs, strict=True)],
+        "options": opts.manifest_options(),
+        "rows": {"read": rows_read, "written": n_rows, "quarantined": rows_bad},
+        "quarantine_reasons": dict(sorted(by_kind.items())),
+        "splits": split_rows,
+        "features": {"categorical": fp.categorical_columns, "cardinalities": fp.cardinalities,
+                     "dense": fp.dense_columns},
+        "outputs": outputs,
+        # Not part of the fingerprint (which predates it): checked by ctr_ad.dataset.verify_data_dir.
+        "quarantine_sha256": sha256_file(quarantine_path),
+        # Everything above is a pure function of inputs + options; "run" describes this execution.
+        "run": {
+            "elapsed_s": round(time.time() - started, 3),
+            "workers": workers,
+            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "versions": {"ctr_ad": __version__, "python": platform.python_version(),
+                         "polars": pl.__version__, "pyarrow": pa.__version__},
+        },
+    }
+    atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _write_splits(stage: Path, spills: list[str], features_path: str, pool: ProcessPoolExecutor | None,
+                  window: int, quiet: bool) -> None:
+    writers: dict[str, pq.ParquetWriter] = {}
+    schema: pa.Schema | None = None
+    try:
+        parts_iter = _ordered_map(_transform_block, ((sp, features_path) for sp in spills), pool, window)
+        for parts in _progress(parts_iter, quiet, "ingest: write"):
             for name, part in zip(SPLITS, parts, strict=True):
                 table = part.to_arrow()
                 schema = schema or table.schema
                 if part.height == 0:
                     continue
                 if name not in writers:
-                    writers[name] = pq.ParquetWriter(tmp / f"{name}.parquet", table.schema,
+                    writers[name] = pq.ParquetWriter(stage / f"{name}.parquet", table.schema,
                                                      compression=PARQUET_COMPRESSION)
                 writers[name].write_table(table)
-        for name in SPLITS:
-            if name in writers:
-                writers[name].close()
-            else:  # an empty split still gets a file with the right columns
-                assert schema is not None
-                pq.write_table(schema.empty_table(), tmp / f"{name}.parquet", compression=PARQUET_COMPRESSION)
-        _load_features.cache_clear()
-
-        # ---- publish atomically (each file by rename), manifest last
-        (out / "manifest.json").unlink(missing_ok=True)  # no stale manifest beside new splits
-        outputs = {}
-        for name in [*(f"{s}.parquet" for s in SPLITS), "features.json"]:
-            os.replace(tmp / name, out / name)
-            outputs[name] = sha256_file(out / name)
-        fingerprint = hashlib.sha256(
-            "".join(f"{k}:{v}\n" for k, v in sorted(outputs.items())).encode()
-        ).hexdigest()
-        manifest = {
-            "format_version": 1,
-            "source": source,
-            "fingerprint": fingerprint,
-            "inputs": [{**fs, "sha256": sha256_file(p)} for fs, p in zip(file_stats, inputs, strict=True)],
-            "options": {"split": split, "valid_frac": valid_frac, "test_frac": test_frac,
-                        "min_count": min_count, "seed": seed, "max_bad_fraction": max_bad_fraction},
-            "rows": {"read": rows_read, "written": n_rows, "quarantined": rows_bad},
-            "quarantine_reasons": dict(sorted(by_kind.items())),
-            "splits": split_rows,
-            "features": {"categorical": fp.categorical_columns, "cardinalities": fp.cardinalities,
-                         "dense": fp.dense_columns},
-            "outputs": outputs,
-            # Everything above is a pure function of inputs + options; "run" describes this execution.
-            "run": {
-                "elapsed_s": round(time.time() - started, 3),
-                "workers": workers,
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                "versions": {"ctr_ad": __version__, "python": platform.python_version(),
-                             "polars": pl.__version__, "pyarrow": pa.__version__},
-            },
-        }
-        tmp_manifest = tmp / "manifest.json"
-        tmp_manifest.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
-        os.replace(tmp_manifest, out / "manifest.json")
-        _log(f"wrote {out}: " + ", ".join(f"{k}={v}" for k, v in split_rows.items())
-             + f" in {manifest['run']['elapsed_s']:.1f}s", quiet)
-        return manifest
     finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        for w in writers.values():
+            w.close()
+    for name in SPLITS:
+        if name not in writers:  # an empty split still gets a file with the right columns
+            assert schema is not None
+            pq.write_table(schema.empty_table(), stage / f"{name}.parquet", compression=PARQUET_COMPRESSION)

@@ -36,7 +36,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -44,6 +44,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 import ctr_ad
 from ctr_ad.errors import UserError
 from ctr_ad.hashing import sha256_file
+from ctr_ad.ingest.options import IngestOptions
 
 STATE = "pipeline-state.json"
 
@@ -57,18 +58,18 @@ class SyntheticSpec(_Strict):
     seed: int = 0
 
 
-class DatasetSpec(_Strict):
+class DatasetSpec(IngestOptions):
+    """One dataset of a pipeline: where its logs come from, plus the ingest options (the same
+    :class:`~ctr_ad.ingest.options.IngestOptions` as ``ctr-ad ingest``'s flags)."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     source: str
     inputs: list[str] = Field(default_factory=list)
     synthetic: SyntheticSpec | None = None
-    split: Literal["sequential", "random", "files"] = "sequential"
-    valid_frac: float = 0.1
-    test_frac: float = 0.1
-    min_count: int = 2
-    seed: int = 0
-    workers: int = 1
     experiment: str | None = Field(None, description="this dataset's experiment config (default: the pipeline's)")
+
+    def ingest_options(self) -> IngestOptions:
+        return IngestOptions.model_validate(self.model_dump(include=set(IngestOptions.model_fields)))
 
     @model_validator(mode="after")
     def _inputs(self) -> DatasetSpec:
@@ -282,18 +283,7 @@ def run_pipeline(path: str | Path, say: Callable[[str], None] | None = None) -> 
         def ingest(ds: DatasetSpec = ds, inputs: list[Path] = inputs, data_dir: Path = data_dir) -> None:
             if data_dir.exists():
                 shutil.rmtree(data_dir)
-            run_ingest(
-                inputs,
-                ds.source,
-                data_dir,
-                split=ds.split,
-                valid_frac=ds.valid_frac,
-                test_frac=ds.test_frac,
-                min_count=ds.min_count,
-                seed=ds.seed,
-                workers=ds.workers,
-                quiet=True,
-            )
+            run_ingest(inputs, ds.source, data_dir, ds.ingest_options(), quiet=True)
 
         steps.run(f"{ds.name}/ingest", ingest_key, [data_dir / "manifest.json"], ingest)
         fingerprint = json.loads((data_dir / "manifest.json").read_text())["fingerprint"]

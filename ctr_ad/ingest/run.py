@@ -28,6 +28,7 @@ import json
 import logging
 import os
 import platform
+import re
 import sys
 import time
 from collections import Counter
@@ -211,13 +212,19 @@ def check_output_dir(out: Path) -> None:
 
 
 def _os_error(exc: OSError, where: Path) -> Exception:
-    """One line naming the file for a write error (disk full, read-only file system, permissions)."""
+    """One line naming the file for a write error (disk full, read-only file system, permissions).
+
+    polars reports I/O errors as ``OSError`` without errno or file name (``… (os error 28)``)."""
+    code = exc.errno
+    if code is None:
+        found = re.search(r"\(os error (\d+)\)", str(exc))
+        code = int(found.group(1)) if found else None
     name = exc.filename or where
-    if exc.errno == errno.ENOSPC:
-        return OSError(exc.errno, f"{name}: no space left on device while writing the dataset "
-                                  f"(the old one, if any, is untouched)")
-    if exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-        return UserError(f"{name}: cannot write ({exc.strerror}); choose a writable --out")
+    if code == errno.ENOSPC:
+        return OSError(code, "no space left on device while writing the dataset (the old one, if any, "
+                             "is untouched; see README, Ingest, for the disk needed)", str(name))
+    if code in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return UserError(f"{name}: cannot write ({os.strerror(code)}); choose a writable --out")
     return exc
 
 

@@ -46,14 +46,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors")
 
 
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current ``sys.stderr`` (which tests and callers may swap), not the one at setup."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
 def configure_logging(quiet: bool) -> None:
     """Messages of ``ctr_ad.ingest`` as ``[ingest] …`` lines on stderr (warnings only with --quiet)."""
     logger = logging.getLogger("ctr_ad.ingest")
     logger.setLevel(logging.WARNING if quiet else logging.INFO)
-    if not any(getattr(h, "_ctr_ad_ingest", False) for h in logger.handlers):
-        handler = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
         handler.setFormatter(logging.Formatter("[ingest] %(message)s"))
-        handler._ctr_ad_ingest = True  # type: ignore[attr-defined]
         logger.addHandler(handler)
         logger.propagate = False
 

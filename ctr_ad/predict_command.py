@@ -72,6 +72,8 @@ def run(args: argparse.Namespace) -> int:
             raise UserError(f"{path}: {exc}") from None
         read += raw.height + len(bad)
         quarantine.extend({"file": str(path), **rec} for rec in bad)
+        if raw.height == 0:  # every row quarantined: nothing to score in this file
+            continue
         pred = bundle.predict_raw(raw)
         cols: dict[str, object] = {}
         if len(paths) > 1:
@@ -93,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{', '.join(map(str, paths))}: nothing written. " + quarantine_summary(
             Counter(reason_kind(r["reason"]) for r in quarantine), quarantine, read, len(quarantine),
             args.max_bad_fraction, where=where))
-    out = pl.concat(frames, how="vertical")
+    out = pl.concat(frames, how="vertical") if frames else pl.DataFrame()
     if out.height == 0:
         raise UserError(f"{', '.join(map(str, paths))}: no valid rows to score")
     out_path.parent.mkdir(parents=True, exist_ok=True)

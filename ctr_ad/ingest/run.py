@@ -255,6 +255,8 @@ def run_ingest(
     """
     opts = _resolve_options(options, overrides)
     out = Path(out)
+    if out.name in ("", ".", ".."):  # the staging directory is a sibling named after it
+        out = out.resolve()
     inputs = [Path(p) for p in inputs]
     if not inputs:
         raise UserError("no input files")

@@ -473,3 +473,21 @@ def test_partial_fit_equals_ingest_and_encode_is_the_one_conversion(tmp_path):
     big_cat, big_dense = fitted.encode(raw)
     assert raw.height > SMALL_BATCH_ROWS
     assert (big_cat[: small.height] == ref_cat).all() and (big_dense[: small.height] == ref_dense).all()
+
+
+# ------------------------------------------------------------------------------ issue 8: one IngestOptions
+def test_one_ingest_options_model_for_cli_run_ingest_and_pipeline(tmp_path):
+    from ctr_ad.ingest.options import IngestOptions
+    from ctr_ad.pipeline import DatasetSpec
+
+    spec = DatasetSpec(name="d", source="criteo", inputs=["x.tsv"], split="random", max_bad_fraction=0.2)
+    assert isinstance(spec, IngestOptions)
+    assert spec.ingest_options() == IngestOptions(split="random", max_bad_fraction=0.2)
+    with pytest.raises(UserError, match="valid_frac"):
+        IngestOptions.of({"valid_frac": 0.6, "test_frac": 0.5})
+    with pytest.raises(UserError, match="unknown key 'min_cout'"):
+        IngestOptions.of({"min_cout": 3})
+    r = cli("ingest", "--source", "criteo", "--input", str(TRAIN), "--out", str(tmp_path / "o"), "--min-count", "0")
+    one_line_error(r, 2, "min_count")
+    m = run_ingest([TRAIN], "criteo", tmp_path / "o", IngestOptions(split="random", seed=4), quiet=True)
+    assert m["options"] == IngestOptions(split="random", seed=4).manifest_options()

@@ -201,3 +201,17 @@ def test_predict_out_naming_a_directory_is_one_line(trained: TrainResult, tmp_pa
     err = capsys.readouterr().err
     assert code == 2 and "is a directory" in err and str(tmp_path) in err
     assert len(err.strip().splitlines()) == 1
+
+
+def test_bundle_with_zero_std_features_is_refused_at_load(trained: TrainResult, tmp_path: Path) -> None:
+    """std = 0 would make NaN predictions (predict) or a 422 blamed on the client (serve): refuse the bundle."""
+    b = damaged_copy(trained, tmp_path)
+    feats = json.loads((b / "features.json").read_text())
+    feats["dense_stats"]["I3"]["std"] = 0.0
+    (b / "features.json").write_text(json.dumps(feats))
+    sums = "".join(
+        f"{sha256_file(b / n)}  {n}\n" for n in ("model.safetensors", "features.json", "config.yaml", "metadata.json")
+    )
+    (b / CHECKSUMS).write_text(sums)
+    with pytest.raises(BundleError, match=r"'I3': std 0\.0"):
+        load(b)

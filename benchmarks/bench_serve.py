@@ -66,7 +66,7 @@ def train_overrides(seed: int) -> list[str]:
 def prepare(rows: int) -> tuple[Path, Path, Path]:
     """The synthetic log, the primary and the shadow bundle (cached)."""
     from ctr_ad.config import load_config
-    from ctr_ad.ingest.pipeline import run_ingest
+    from ctr_ad.ingest.run import run_ingest
     from ctr_ad.synthetic import write_synthetic
     from ctr_ad.train import train
 

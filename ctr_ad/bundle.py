@@ -18,7 +18,7 @@ Public API (used by ``ctr-ad predict`` and the REST service)::
     bundle.metadata                         # dict: version, created_at, components, penalty, lambda, ...
     bundle.components                       # K
     pred = bundle.predict_frame(model_ready_frame)   # columns as produced by features.transform
-    pred = bundle.predict_raw(raw_frame)             # = predict_frame(features.transform(raw_frame))
+    pred = bundle.predict_raw(raw_frame)             # = predict_arrays(*features.encode(raw_frame))
     pred = bundle.predict_arrays(cat_int64_NxF, dense_float32_NxD)
     pred.ctr            # float64 numpy [N]: ensemble probability (config model.prediction)
     pred.components     # float64 numpy [N, K]: each component's probability
@@ -168,22 +168,14 @@ class Bundle:
         missing = [c for c in (*self._cat_cols, *self._dense_cols) if c not in frame.columns]
         if missing:
             raise ValueError(f"frame lacks model columns {missing[:5]}")
-        n = frame.height
-        cat = (
-            frame.select(self._cat_cols).to_numpy().astype(np.int64, copy=False)
-            if self._cat_cols
-            else np.zeros((n, 0), np.int64)
-        )
-        dense = (
-            frame.select(self._dense_cols).to_numpy().astype(np.float32, copy=False)
-            if self._dense_cols
-            else np.zeros((n, 0), np.float32)
-        )
-        return self.predict_arrays(cat, dense)
+        from ctr_ad.features import model_arrays
+
+        return self.predict_arrays(*model_arrays(frame, self._cat_cols, self._dense_cols))
 
     def predict_raw(self, raw: pl.DataFrame) -> Prediction:
-        """Transform a validated raw frame with the bundle's features, then score it."""
-        return self.predict_frame(self.features.transform(raw))
+        """Encode a validated raw frame with the bundle's features (``FeatureProcessor.encode``: small
+        batches go straight to arrays, without a model-ready frame in between), then score it."""
+        return self.predict_arrays(*self.features.encode(raw))
 
 
 def resolve_dir(path: str | Path) -> Path:

@@ -71,24 +71,14 @@ def frame_to_tensors(
     frame: pl.DataFrame, cat_cols: Sequence[str], dense_cols: Sequence[str], origin: str = "frame"
 ) -> tuple[Tensor, Tensor, Tensor | None]:
     """(cat int64 [N, F], dense float32 [N, D], label float32 [N] or None) from a model-ready frame."""
+    from ctr_ad.features import model_arrays  # the frame -> arrays step of FeatureProcessor.encode
+
     _check_columns(frame.columns, [*cat_cols, *dense_cols], origin)
-    n = frame.height
-    cat = (
-        frame.select(cat_cols).to_numpy().astype(np.int64, copy=False) if cat_cols else np.zeros((n, 0), dtype=np.int64)
-    )
-    dense = (
-        frame.select(dense_cols).to_numpy().astype(np.float32, copy=False)
-        if dense_cols
-        else np.zeros((n, 0), dtype=np.float32)
-    )
+    cat, dense = model_arrays(frame, cat_cols, dense_cols)
     label = None
     if "label" in frame.columns:
         label = torch.from_numpy(frame["label"].cast(pl.Float32).to_numpy().copy())
-    return (
-        torch.from_numpy(np.ascontiguousarray(cat)),
-        torch.from_numpy(np.ascontiguousarray(dense)),
-        label,
-    )
+    return torch.from_numpy(cat), torch.from_numpy(dense), label
 
 
 def load_split(path: Path, cat_cols: Sequence[str], dense_cols: Sequence[str]) -> TensorData:

@@ -56,6 +56,7 @@ from pydantic import Field, field_validator, model_validator
 from ctr_ad import metrics as M
 from ctr_ad.artifacts import Verdict, data_fingerprint, write_document
 from ctr_ad.config import set_dotted
+from ctr_ad.dataset import verify_data_dir
 from ctr_ad.errors import UserError
 from ctr_ad.files import atomic_write_with, utc_timestamp
 from ctr_ad.layout import DataDir, ExperimentDir
@@ -529,8 +530,7 @@ def run_experiment(
     """
     data_dir, exp_dir = Path(data_dir), Path(exp_dir)
     cfg = config if isinstance(config, ExperimentConfig) else load_experiment_config(config)
-    if not (data_dir / "features.json").is_file():
-        raise UserError(f"{data_dir}: not an ingested data directory (no features.json; run `ctr-ad ingest`)")
+    verify_data_dir(data_dir)
     if not (data_dir / "test.parquet").is_file():
         raise UserError(f"{data_dir / 'test.parquet'}: an experiment needs a labelled test split")
     arms = cfg.all_arms()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -122,37 +121,98 @@ def _dense_base(expr: pl.Expr, transform: str) -> pl.Expr:
     raise ValueError(f"unknown dense transform {transform!r}")
 
 
-@dataclass
-class FeatureProcessor:
-    """Fitted vocabularies and dense statistics; ``transform`` makes model-ready columns."""
+FitStatistics = tuple[dict[str, pl.DataFrame], dict[str, tuple[int, float, float]]]
 
-    source: str
-    label: str | None
-    categorical: list[str]
-    dense: list[str]
-    dense_transform: str
-    min_count: int
-    vocab: dict[str, list[str]]
-    dense_stats: dict[str, dict[str, float]]
-    _lookup: dict[str, dict[str, int]] = field(default_factory=dict, repr=False, compare=False)
-    _lookup_enums: dict[str, pl.Enum] = field(default_factory=dict, repr=False, compare=False)
+
+class FeatureProcessor:
+    """Fitted vocabularies and dense statistics, with a scikit-learn-like surface.
+
+    * fitting: :meth:`unfitted` then :meth:`partial_fit` per block of training rows (ingest's counting
+      pass; ``statistics=`` takes :meth:`fit_statistics` computed in a worker), or :meth:`fit` at once;
+      the vocabularies and statistics are derived from the merged counts when next used;
+    * :meth:`transform`: raw validated frame -> model-ready frame (what ingest writes);
+    * :meth:`encode`: a frame (raw or model-ready) -> ``(cat int64 [N, F], dense float32 [N, D])``,
+      the one frame -> arrays conversion used by training, batch predict and the service.
+    """
+
+    def __init__(
+        self, source: str, label: str | None, categorical: list[str], dense: list[str], dense_transform: str,
+        min_count: int, vocab: dict[str, list[str]] | None = None,
+        dense_stats: dict[str, dict[str, float]] | None = None,
+    ) -> None:
+        self.source = source
+        self.label = label
+        self.categorical = list(categorical)
+        self.dense = list(dense)
+        self.dense_transform = dense_transform
+        self.min_count = min_count
+        self._vocab = vocab if vocab is not None else {f: [] for f in self.categorical}
+        self._dense_stats = dense_stats if dense_stats is not None else {}
+        self._counter: CategoryCounter | None = None
+        self._stats: DenseStats | None = None
+        self._stale = False
+        self._lookup: dict[str, dict[str, int]] = {}
+        self._lookup_enums: dict[str, pl.Enum] = {}
+
+    def __repr__(self) -> str:
+        return f"FeatureProcessor(source={self.source!r}, categorical={len(self.categorical)}, dense={len(self.dense)})"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, FeatureProcessor) and self.to_dict() == other.to_dict()
+
+    __hash__ = None  # type: ignore[assignment]
 
     # ----------------------------------------------------------------------------- fitting
     @classmethod
-    def fit_from(
-        cls, source: str, spec: SourceSpec, dense: list[str], counter: CategoryCounter,
-        stats: DenseStats, min_count: int,
-    ) -> FeatureProcessor:
-        return cls(
-            source=source,
-            label=spec.label,
-            categorical=list(spec.categorical),
-            dense=list(dense),
-            dense_transform=spec.dense_transform,
-            min_count=min_count,
-            vocab={f: counter.vocab(f, min_count) for f in spec.categorical},
-            dense_stats=stats.result(),
-        )
+    def unfitted(cls, source: str, spec: SourceSpec, dense: list[str], min_count: int) -> FeatureProcessor:
+        """A processor for ``spec``'s fields, ready for :meth:`partial_fit`."""
+        return cls(source=source, label=spec.label, categorical=list(spec.categorical), dense=list(dense),
+                   dense_transform=spec.dense_transform, min_count=min_count)
+
+    @staticmethod
+    def fit_statistics(frame: pl.DataFrame, categorical: list[str], dense: list[str],
+                       transform: str) -> FitStatistics:
+        """What :meth:`partial_fit` needs from a block of training rows (small, cheap to pickle)."""
+        return CategoryCounter.block_counts(frame, categorical), DenseStats(dense, transform).block_stats(frame)
+
+    def partial_fit(self, frame: pl.DataFrame | None = None, *, statistics: FitStatistics | None = None
+                    ) -> FeatureProcessor:
+        """Add a block of training rows (or its :meth:`fit_statistics`) to the fit; returns self."""
+        if (frame is None) == (statistics is None):
+            raise TypeError("partial_fit takes a frame or statistics=, not both")
+        if statistics is None:
+            statistics = self.fit_statistics(frame, self.categorical, self.dense, self.dense_transform)
+        if self._counter is None or self._stats is None:
+            self._counter = CategoryCounter(list(self.categorical))
+            self._stats = DenseStats(list(self.dense), self.dense_transform)
+        counts, moments = statistics
+        self._counter.add_counts(counts)
+        self._stats.add_stats(moments)
+        self._stale = True
+        return self
+
+    def fit(self, frame: pl.DataFrame) -> FeatureProcessor:
+        """Fit on one frame of training rows (forgetting any earlier partial fit); returns self."""
+        self._counter = self._stats = None
+        return self.partial_fit(frame)
+
+    def _refresh(self) -> None:
+        if self._stale and self._counter is not None and self._stats is not None:
+            self._vocab = {f: self._counter.vocab(f, self.min_count) for f in self.categorical}
+            self._dense_stats = self._stats.result()
+            self._lookup.clear()
+            self._lookup_enums.clear()
+            self._stale = False
+
+    @property
+    def vocab(self) -> dict[str, list[str]]:
+        self._refresh()
+        return self._vocab
+
+    @property
+    def dense_stats(self) -> dict[str, dict[str, float]]:
+        self._refresh()
+        return self._dense_stats
 
     # ----------------------------------------------------------------------------- schema
     @property
@@ -174,6 +234,7 @@ class FeatureProcessor:
 
     # ----------------------------------------------------------------------------- transform
     def _table(self, f: str) -> dict[str, int]:
+        self._refresh()
         table = self._lookup.get(f)
         if table is None:
             table = {v: i + RESERVED for i, v in enumerate(self.vocab[f])}
@@ -219,6 +280,7 @@ class FeatureProcessor:
     def _index_large(self, f: str, values: pl.Series) -> pl.Series:
         # An Enum over the vocabulary maps a value to its position in one vectorized cast; values
         # outside it become null (out-of-vocabulary), nulls stay null (missing).
+        self._refresh()
         enum = self._lookup_enums.get(f)
         if enum is None:
             enum = pl.Enum(self.vocab[f])
@@ -259,19 +321,41 @@ class FeatureProcessor:
             out = pl.concat([out, dense], how="horizontal") if out.width else dense
         return out
 
+    def _raw_columns(self, raw: pl.DataFrame) -> tuple[list, list]:
+        """Dense columns as float64 arrays (NaN = missing) and categorical ones as lists (None =
+        missing), in model order, for :meth:`encode_columns`."""
+        n = raw.height
+        nan = np.full(n, np.nan)
+        dense = [raw.get_column(f).cast(pl.Float64).to_numpy() if f in raw.columns else nan for f in self.dense]
+        cat = [raw.get_column(f).to_list() if f in raw.columns else [None] * n for f in self.categorical]
+        return dense, cat
+
     def _transform_small(self, raw: pl.DataFrame) -> pl.DataFrame:
         n = raw.height
-
-        def column(f: str) -> list:
-            return raw.get_column(f).to_list() if f in raw.columns else [None] * n
-
-        cat, dense = self.encode_columns([column(f) for f in self.dense], [column(f) for f in self.categorical])
+        cat, dense = self.encode_columns(*self._raw_columns(raw))
         cols: list[pl.Series] = []
         if "label" in raw.columns:
             cols.append(raw.get_column("label").cast(pl.Float32))
         cols += [pl.Series(f, cat[:, j], dtype=pl.Int32) for j, f in enumerate(self.categorical)]
         cols += [pl.Series(f, dense[:, j], dtype=pl.Float32) for j, f in enumerate(self.dense_columns)]
         return pl.DataFrame(cols, height=n)
+
+    def is_model_ready(self, frame: pl.DataFrame) -> bool:
+        """Whether ``frame`` holds model-ready columns (the output of :meth:`transform`)."""
+        cols = set(frame.columns)
+        if not all(c in cols for c in (*self.categorical_columns, *self.dense_columns)):
+            return False
+        return all(frame.schema[c].is_integer() for c in self.categorical_columns)
+
+    def encode(self, frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """A raw validated frame or a model-ready one -> ``(cat int64 [N, F], dense float32 [N, D])``,
+        contiguous, in model order. Small raw batches go straight to arrays (no intermediate frame)."""
+        if self.is_model_ready(frame):
+            return model_arrays(frame, self.categorical_columns, self.dense_columns)
+        if frame.height <= SMALL_BATCH_ROWS:
+            cat, dense = self.encode_columns(*self._raw_columns(frame))
+            return np.ascontiguousarray(cat), np.ascontiguousarray(dense)
+        return model_arrays(self.transform(frame), self.categorical_columns, self.dense_columns)
 
     # ----------------------------------------------------------------------------- persistence
     def to_dict(self) -> dict[str, Any]:
@@ -292,6 +376,7 @@ class FeatureProcessor:
     def from_dict(cls, d: dict[str, Any]) -> FeatureProcessor:
         if d.get("format_version") != FORMAT_VERSION:
             raise ValueError(f"features: unsupported format_version {d.get('format_version')!r}")
+        _check_dense_stats(list(d["dense"]), d["dense_stats"])
         return cls(
             source=d["source"], label=d["label"], categorical=list(d["categorical"]), dense=list(d["dense"]),
             dense_transform=d["dense_transform"], min_count=int(d["min_count"]),
@@ -317,12 +402,35 @@ class FeatureProcessor:
             raise UserError(f"{path}: not a valid features.json ({exc})") from None
 
 
-def as_numpy(model_frame: pl.DataFrame, fp: FeatureProcessor) -> tuple[np.ndarray, np.ndarray]:
-    """Model-ready frame -> (categorical int64 [N, F], dense float32 [N, D]) contiguous arrays."""
-    cat = model_frame.select(fp.categorical_columns).to_numpy().astype(np.int64, copy=False)
-    dense_cols = fp.dense_columns
-    if dense_cols:
-        dense = model_frame.select(dense_cols).to_numpy().astype(np.float32, copy=False)
-    else:
-        dense = np.zeros((model_frame.height, 0), dtype=np.float32)
+def _check_dense_stats(dense: list[str], stats: dict[str, Any]) -> None:
+    """Every dense field needs a finite mean and a finite, positive std (std = 0 would turn every
+    value into NaN or inf)."""
+    for f in dense:
+        st = stats.get(f)
+        if not isinstance(st, dict):
+            raise ValueError(f"dense field {f!r} has no statistics")
+        mean, std = st.get("mean"), st.get("std")
+        if not isinstance(mean, int | float) or not math.isfinite(mean):
+            raise ValueError(f"dense field {f!r}: mean {mean!r} is not a finite number")
+        if not isinstance(std, int | float) or not math.isfinite(std) or std <= 0:
+            raise ValueError(f"dense field {f!r}: std {std!r} is not a positive finite number")
+
+
+def model_arrays(frame: pl.DataFrame, cat_cols: Sequence[str], dense_cols: Sequence[str]
+                 ) -> tuple[np.ndarray, np.ndarray]:
+    """Model-ready frame -> (categorical int64 [N, F], dense float32 [N, D]) contiguous arrays.
+
+    The conversion behind :meth:`FeatureProcessor.encode` for model-ready frames; the training loaders
+    (``ctr_ad.data``), which know the column names but hold no processor, call it directly.
+    """
+    n = frame.height
+    cat = (frame.select(cat_cols).to_numpy().astype(np.int64, copy=False) if cat_cols
+           else np.zeros((n, 0), dtype=np.int64))
+    dense = (frame.select(dense_cols).to_numpy().astype(np.float32, copy=False) if dense_cols
+             else np.zeros((n, 0), dtype=np.float32))
     return np.ascontiguousarray(cat), np.ascontiguousarray(dense)
+
+
+def as_numpy(model_frame: pl.DataFrame, fp: FeatureProcessor) -> tuple[np.ndarray, np.ndarray]:
+    """Model-ready frame -> arrays (kept for callers of the old name; see :meth:`FeatureProcessor.encode`)."""
+    return fp.encode(model_frame)

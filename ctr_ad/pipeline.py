@@ -35,7 +35,7 @@ import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import Field, model_validator
 
@@ -44,6 +44,7 @@ from ctr_ad.artifacts import OfflineMetrics, read_manifest, read_offline_metrics
 from ctr_ad.errors import UserError
 from ctr_ad.files import atomic_write_text, utc_timestamp
 from ctr_ad.hashing import sha256_file
+from ctr_ad.ingest.options import IngestOptions
 from ctr_ad.layout import ExperimentDir, PipelineDir, PublishedDir
 from ctr_ad.strict import StrictModel, load_model
 
@@ -54,18 +55,18 @@ class SyntheticSpec(StrictModel):
     seed: int = 0
 
 
-class DatasetSpec(StrictModel):
+class DatasetSpec(IngestOptions):
+    """One dataset of a pipeline: where its logs come from, plus the ingest options (the same
+    :class:`~ctr_ad.ingest.options.IngestOptions` as ``ctr-ad ingest``'s flags)."""
+
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     source: str
     inputs: list[str] = Field(default_factory=list)
     synthetic: SyntheticSpec | None = None
-    split: Literal["sequential", "random", "files"] = "sequential"
-    valid_frac: float = 0.1
-    test_frac: float = 0.1
-    min_count: int = 2
-    seed: int = 0
-    workers: int = 1
     experiment: str | None = Field(None, description="this dataset's experiment config (default: the pipeline's)")
+
+    def ingest_options(self) -> IngestOptions:
+        return IngestOptions.model_validate(self.model_dump(include=set(IngestOptions.model_fields)))
 
     @model_validator(mode="after")
     def _inputs(self) -> DatasetSpec:
@@ -260,7 +261,7 @@ def _dataset_inputs(steps: StepRunner, out: PipelineDir, ds: DatasetSpec) -> lis
 def _run_dataset(steps: StepRunner, out: PipelineDir, ds: DatasetSpec, exp_cfg: Any) -> Path:
     """(synthesise →) ingest → experiment → report for one dataset; returns the report's path."""
     from ctr_ad.experiment import run_experiment
-    from ctr_ad.ingest.pipeline import run_ingest
+    from ctr_ad.ingest.run import run_ingest
     from ctr_ad.report import write_report
 
     version = ctr_ad.__version__
@@ -270,20 +271,8 @@ def _run_dataset(steps: StepRunner, out: PipelineDir, ds: DatasetSpec, exp_cfg: 
     ingest_key = {"inputs": [sha256_file(p) for p in inputs], "options": options, "version": version}
 
     def ingest() -> None:
-        if data.root.exists():
-            shutil.rmtree(data.root)
-        run_ingest(
-            inputs,
-            ds.source,
-            data.root,
-            split=ds.split,
-            valid_frac=ds.valid_frac,
-            test_frac=ds.test_frac,
-            min_count=ds.min_count,
-            seed=ds.seed,
-            workers=ds.workers,
-            quiet=True,
-        )
+        # run_ingest replaces data.root only after a complete, successful run.
+        run_ingest(inputs, ds.source, data.root, ds.ingest_options(), quiet=True)
 
     steps.run(f"{ds.name}/ingest", ingest_key, [data.manifest], ingest)
     exp_key = {"data": read_manifest(data.root).fingerprint, "experiment": exp_cfg.model_dump(mode="json"),

@@ -59,9 +59,9 @@ from tqdm import tqdm
 from ctr_ad import bundle as bundle_mod
 from ctr_ad import checkpoint as ckpt
 from ctr_ad import distributed as dist_mod
-from ctr_ad.artifacts import data_fingerprint
 from ctr_ad.config import Config, load_config
 from ctr_ad.data import Batch, MemoryBatches, PlanSpec, StreamBatches, TensorData, derive_seed, load_split
+from ctr_ad.dataset import verify_data_dir
 from ctr_ad.errors import UserError
 from ctr_ad.evaluation import Evaluation, autocast, evaluate
 from ctr_ad.files import finite_or_none
@@ -213,10 +213,9 @@ class Trainer:
 
         self.cfg, self.t, self.ad = cfg, cfg.train, cfg.anti_distillation
         self.data, self.run = DataDir(data_dir), RunDir(out_dir)
-        if not data_dir.is_dir():
-            raise UserError(f"{data_dir}: data directory not found")
+        # Refuses a directory without a manifest or with files that do not match it.
+        self.fingerprint = verify_data_dir(data_dir).fingerprint
         self.features = FeatureProcessor.load(self.data.features)
-        self.fingerprint = data_fingerprint(data_dir)
         self.device = select_device(self.t.device)
         self.ctx = dist_mod.init(self.device.type)
         if self.device.type == "cuda" and self.ctx.enabled:

@@ -25,7 +25,7 @@ _cache: dict[str, Path] = {}
 def ingested_8k(factory: pytest.TempPathFactory) -> Path:
     """The real 8k sample ingested with split=files (train/dev/test), once per test session."""
     if "8k" not in _cache:
-        from ctr_ad.ingest.pipeline import run_ingest
+        from ctr_ad.ingest.run import run_ingest
 
         out = factory.mktemp("criteo8k")
         run_ingest(

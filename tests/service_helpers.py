@@ -24,7 +24,7 @@ LISTEN_LINE = re.compile(r"on http://([^:\s]+):(\d+) ")
 
 
 def ingest_8k(out: Path) -> Path:
-    from ctr_ad.ingest.pipeline import run_ingest
+    from ctr_ad.ingest.run import run_ingest
 
     run_ingest([CRITEO_8K / "train.tsv", CRITEO_8K / "dev.tsv", CRITEO_8K / "test.tsv"], "criteo", out,
                split="files", quiet=True)

@@ -162,6 +162,8 @@ def test_predict_command_scores_every_row(trained: TrainResult, tmp_path: Path, 
             str(out),
             "--quarantine",
             str(tmp_path / "q.jsonl"),
+            "--max-bad-fraction",  # 1 bad row of 5: above the default 1 %
+            "0.5",
         ]
     )
     assert code == 0
@@ -169,3 +171,47 @@ def test_predict_command_scores_every_row(trained: TrainResult, tmp_path: Path, 
     assert "1 row(s) quarantined" in capsys.readouterr().err
     record = json.loads((tmp_path / "q.jsonl").read_text().splitlines()[0])
     assert record["file"] == str(bad)
+
+
+def test_predict_raw_encodes_small_batches_like_the_transform(trained: TrainResult) -> None:
+    from ctr_ad.ingest.reader import read_raw
+
+    bundle = load(trained.run_dir)
+    raw, _ = read_raw([KAGGLE_TEST], "criteo-csv")
+    a = bundle.predict_raw(raw.head(50))
+    b = bundle.predict_frame(bundle.features.transform(raw.head(50)))
+    np.testing.assert_array_equal(a.ctr, b.ctr)
+    np.testing.assert_array_equal(a.components, b.components)
+
+
+def test_predict_refuses_a_log_of_another_format(trained: TrainResult, tmp_path: Path, capsys) -> None:
+    out = tmp_path / "p.parquet"
+    criteo = REPO / "data" / "criteo-kaggle-8k" / "test.tsv"
+    code = cli_main(["predict", "--bundle", str(trained.run_dir), "--input", str(criteo), "--source", "avazu",
+                     "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "391 of 391 rows" in err and "above --max-bad-fraction" in err and "Traceback" not in err
+    assert not out.exists()
+
+
+def test_predict_out_naming_a_directory_is_one_line(trained: TrainResult, tmp_path: Path, capsys) -> None:
+    code = cli_main(["predict", "--bundle", str(trained.run_dir), "--input", str(KAGGLE_TEST), "--source",
+                     "criteo-csv", "--out", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and "is a directory" in err and str(tmp_path) in err
+    assert len(err.strip().splitlines()) == 1
+
+
+def test_bundle_with_zero_std_features_is_refused_at_load(trained: TrainResult, tmp_path: Path) -> None:
+    """std = 0 would make NaN predictions (predict) or a 422 blamed on the client (serve): refuse the bundle."""
+    b = damaged_copy(trained, tmp_path)
+    feats = json.loads((b / "features.json").read_text())
+    feats["dense_stats"]["I3"]["std"] = 0.0
+    (b / "features.json").write_text(json.dumps(feats))
+    sums = "".join(
+        f"{sha256_file(b / n)}  {n}\n" for n in ("model.safetensors", "features.json", "config.yaml", "metadata.json")
+    )
+    (b / CHECKSUMS).write_text(sums)
+    with pytest.raises(BundleError, match=r"'I3': std 0\.0"):
+        load(b)

@@ -19,7 +19,7 @@ from ctr_ad.experiment import (
     select_baseline,
     select_best,
 )
-from ctr_ad.ingest.pipeline import run_ingest
+from ctr_ad.ingest.run import run_ingest
 from ctr_ad.penalties import PENALTIES, hinge_decorrelation, prob_decorrelation
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,8 +15,8 @@ import pytest
 
 from ctr_ad.errors import UserError
 from ctr_ad.features import SMALL_BATCH_ROWS, FeatureProcessor
-from ctr_ad.ingest.pipeline import run_ingest
 from ctr_ad.ingest.reader import read_raw
+from ctr_ad.ingest.run import run_ingest
 from ctr_ad.schema import CRITEO_CATEGORICAL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -155,8 +155,10 @@ def test_too_many_bad_rows_fail_with_a_summary(tmp_path):
             "--max-bad-fraction", "0.0001", "--quiet")
     assert r.returncode == 2
     assert "5 of 7205 rows" in r.stderr and "corrupt.tsv:21" in r.stderr and "Traceback" not in r.stderr
-    assert not (tmp_path / "o" / "train.parquet").exists()
-    assert len((tmp_path / "o" / "quarantine.jsonl").read_text().splitlines()) == 5
+    # Nothing is published; the bad lines are kept beside the (absent) dataset, not inside it.
+    assert not (tmp_path / "o").exists()
+    assert len((tmp_path / "o.failed-quarantine.jsonl").read_text().splitlines()) == 5
+    assert "o.failed-quarantine.jsonl" in r.stderr
 
 
 def test_gzip_equals_plain_and_reruns_are_byte_identical(tmp_path):

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from ctr_ad.experiment import decide_verdict, load_experiment_config, run_experiment
-from ctr_ad.ingest.pipeline import run_ingest
+from ctr_ad.ingest.run import run_ingest
 from ctr_ad.report import frequency_buckets, pareto_front, write_report
 
 ROOT = Path(__file__).resolve().parents[1]

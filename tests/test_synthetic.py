@@ -11,8 +11,8 @@ import polars as pl
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 
-from ctr_ad.ingest.pipeline import run_ingest
 from ctr_ad.ingest.reader import read_raw
+from ctr_ad.ingest.run import run_ingest
 from ctr_ad.synthetic import BLOCK_ROWS, iter_blocks, write_synthetic
 
 

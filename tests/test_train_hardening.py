@@ -83,7 +83,10 @@ def test_one_class_training_data_warns_and_json_output_has_no_bare_nan(data_dir:
     for split in ("train", "valid", "test"):
         path = one_class / f"{split}.parquet"
         pl.read_parquet(path).with_columns(pl.lit(0.0, pl.Float32).alias("label")).write_parquet(path)
-    (one_class / "manifest.json").unlink()  # hand-edited data: no longer the ingested dataset
+    manifest = json.loads((one_class / "manifest.json").read_text())
+    for name in manifest["outputs"]:  # re-seal the edited files, as an ingest of such a log would
+        manifest["outputs"][name] = hashlib.sha256((one_class / name).read_bytes()).hexdigest()
+    (one_class / "manifest.json").write_text(json.dumps(manifest))
     proc = cli(*train_args(one_class, tmp_path / "run"))
     assert proc.returncode == 0, proc.stderr
     assert "every label is 0" in proc.stderr
@@ -191,3 +194,24 @@ def test_intact_checkpoint_resumes_a_finished_run_to_the_same_bundle(
     assert (run / "bundle" / "model.safetensors").read_bytes() == (
         finished_run / "bundle" / "model.safetensors"
     ).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        (lambda d: (d / "manifest.json").unlink(), "manifest.json: missing"),
+        (lambda d: (d / "valid.parquet").write_bytes((d / "valid.parquet").read_bytes()[:-10]), "does not match"),
+    ],
+    ids=["no manifest", "truncated split"],
+)
+def test_train_and_experiment_refuse_an_incomplete_or_altered_dataset(
+    data_dir: Path, tmp_path: Path, damage, needle: str
+) -> None:
+    broken = tmp_path / "data"
+    shutil.copytree(data_dir, broken)
+    damage(broken)
+    assert_one_line_error(cli(*train_args(broken, tmp_path / "run")), needle)
+    assert not (tmp_path / "run" / "bundle").exists()
+    exp = cli("experiment", "--data", str(broken), "--config", str(DEMO_CONFIG.parent / "experiment-demo.yaml"),
+              "--out", str(tmp_path / "exp"))
+    assert_one_line_error(exp, needle)

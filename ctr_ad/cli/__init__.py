@@ -37,6 +37,13 @@ def configure_logging(command: str, level: int = logging.INFO) -> None:
     root.setLevel(level)
 
 
+def describe_os_error(exc: OSError) -> str:
+    """``FILE: reason`` on one line for an OSError (or its message when it names no file)."""
+    if exc.filename and exc.strerror:
+        return f"{exc.filename}: {exc.strerror}"
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = argparse.ArgumentParser(prog="ctr-ad", description=__doc__.splitlines()[0])
@@ -64,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as exc:
         print(f"ctr-ad {name}: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # disk full, I/O error, …: one line naming the file, not a traceback
+        print(f"ctr-ad {name}: error: {describe_os_error(exc)}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print(f"ctr-ad {name}: interrupted", file=sys.stderr)
         return 130

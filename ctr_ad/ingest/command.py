@@ -3,37 +3,79 @@
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 from pathlib import Path
 
+from ctr_ad.ingest.options import IngestOptions
 from ctr_ad.schema import SOURCES
+
+DESCRIPTION_EPILOG = """\
+The output directory is replaced only by a complete, successful run: the dataset is written to a
+hidden staging directory beside it and swapped in as a whole, manifest.json last. A failed or
+interrupted run leaves an existing dataset untouched (its bad lines go to OUT.failed-quarantine.jsonl).
+--out must be a new or empty directory, or a dataset written by ctr-ad ingest: other files in it are
+refused rather than silently kept or deleted."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = DESCRIPTION_EPILOG
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    fields = IngestOptions.model_fields
+
+    def default(name: str):
+        return fields[name].default
+
+    def help_of(name: str) -> str:
+        return fields[name].description or ""
+
     parser.add_argument("--source", required=True, choices=sorted(SOURCES), help="raw log format")
     parser.add_argument("--input", required=True, nargs="+", type=Path, metavar="PATH",
                         help="log files (plain or .gz); with --split files: train, valid, test")
-    parser.add_argument("--out", required=True, type=Path, metavar="DIR")
-    parser.add_argument("--split", default="sequential", choices=["sequential", "random", "files"],
-                        help="sequential keeps file order (test = latest rows); random is seeded")
-    parser.add_argument("--valid-frac", type=float, default=0.1)
-    parser.add_argument("--test-frac", type=float, default=0.1)
-    parser.add_argument("--min-count", type=int, default=2,
-                        help="categorical values seen fewer times in train map to out-of-vocabulary")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random split")
-    parser.add_argument("--max-bad-fraction", type=float, default=0.01,
-                        help="fail when more than this fraction of rows is quarantined")
-    parser.add_argument("--workers", type=int, default=1, help="parallel worker processes")
-    parser.add_argument("--quiet", action="store_true")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR",
+                        help="dataset directory, replaced only by a complete, successful run")
+    parser.add_argument("--split", default=default("split"), choices=["sequential", "random", "files"],
+                        help=help_of("split"))
+    parser.add_argument("--valid-frac", type=float, default=default("valid_frac"), help=help_of("valid_frac"))
+    parser.add_argument("--test-frac", type=float, default=default("test_frac"), help=help_of("test_frac"))
+    parser.add_argument("--min-count", type=int, default=default("min_count"), help=help_of("min_count"))
+    parser.add_argument("--seed", type=int, default=default("seed"), help=help_of("seed"))
+    parser.add_argument("--max-bad-fraction", type=float, default=default("max_bad_fraction"),
+                        help=help_of("max_bad_fraction"))
+    parser.add_argument("--workers", type=int, default=default("workers"), help=help_of("workers"))
+    parser.add_argument("--quiet", action="store_true", help="only warnings and errors")
+
+
+class _StderrHandler(logging.StreamHandler):
+    """Writes to the current ``sys.stderr`` (which tests and callers may swap), not the one at setup."""
+
+    @property  # type: ignore[override]
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def configure_logging(quiet: bool) -> None:
+    """Messages of ``ctr_ad.ingest`` as ``[ingest] …`` lines on stderr (warnings only with --quiet)."""
+    logger = logging.getLogger("ctr_ad.ingest")
+    logger.setLevel(logging.WARNING if quiet else logging.INFO)
+    if not any(isinstance(h, _StderrHandler) for h in logger.handlers):
+        handler = _StderrHandler()
+        handler.setFormatter(logging.Formatter("[ingest] %(message)s"))
+        logger.addHandler(handler)
+        logger.propagate = False
 
 
 def run(args: argparse.Namespace) -> int:
-    from ctr_ad.ingest.pipeline import run_ingest
+    from ctr_ad.ingest.run import run_ingest
 
-    manifest = run_ingest(
-        args.input, args.source, args.out, split=args.split, valid_frac=args.valid_frac,
-        test_frac=args.test_frac, min_count=args.min_count, seed=args.seed,
-        max_bad_fraction=args.max_bad_fraction, workers=args.workers, quiet=args.quiet,
-    )
+    configure_logging(args.quiet)
+    options = IngestOptions.of({name: getattr(args, name) for name in IngestOptions.model_fields},
+                               origin="ctr-ad ingest")
+    manifest = run_ingest(args.input, args.source, args.out, options, quiet=args.quiet)
     rows = manifest["rows"]
     print(f"{args.out}: {rows['written']} rows written "
           f"({', '.join(f'{k} {v}' for k, v in manifest['splits'].items())}), "

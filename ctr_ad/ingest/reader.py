@@ -12,6 +12,7 @@ fields as Float64 (null = missing) and categorical fields as Utf8 (null = missin
 from __future__ import annotations
 
 import gzip
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,8 +24,12 @@ from ctr_ad.errors import UserError
 from ctr_ad.schema import SourceSpec, get_source
 
 DEFAULT_BLOCK_BYTES = 16 * 1024 * 1024
+#: A longer line is quarantined without being held in memory (real click-log lines are < 1 KB).
+MAX_LINE_BYTES = 1024 * 1024
 RAW_PREVIEW_CHARS = 2000
 GZIP_MAGIC = b"\x1f\x8b"
+#: Characters stripped around a label (both when checking it and when parsing it).
+LABEL_STRIP = " \t\r\n\x0b\x0c"
 
 
 @dataclass(frozen=True)
@@ -56,11 +61,34 @@ class RawBlock:
     lines_read: int = 0
 
 
+@dataclass(frozen=True)
+class LongLine:
+    """A line longer than ``MAX_LINE_BYTES``: replaced by an empty line in its block, quarantined."""
+
+    line: int
+    preview: bytes
+    length: int
+
+
 def open_binary(path: Path):
     """Open ``path`` for reading bytes, transparently gunzipping it."""
     with open(path, "rb") as probe:
         magic = probe.read(2)
     return gzip.open(path, "rb") if magic == GZIP_MAGIC else open(path, "rb")
+
+
+def read_chunks(path: Path, size: int) -> Iterator[bytes]:
+    """The bytes of ``path`` (gunzipped) in chunks of ``size``; a truncated or corrupt gzip stream is
+    a UserError naming the file."""
+    try:
+        with open_binary(path) as fh:
+            while True:
+                data = fh.read(size)
+                if not data:
+                    return
+                yield data
+    except (EOFError, gzip.BadGzipFile, zlib.error) as exc:
+        raise UserError(f"{path}: truncated or corrupt gzip file ({exc})") from None
 
 
 def check_input_file(path: Path) -> None:
@@ -151,26 +179,69 @@ def resolve_layout(path: Path, spec: SourceSpec, first_line: bytes, labeled: boo
     )
 
 
-def iter_line_blocks(path: Path, block_bytes: int = DEFAULT_BLOCK_BYTES) -> Iterator[tuple[int, bytes]]:
-    """Yield ``(first_line_number, bytes)`` blocks that end on line boundaries (no trailing newline)."""
+def iter_line_blocks(
+    path: Path, block_bytes: int = DEFAULT_BLOCK_BYTES, max_line_bytes: int = MAX_LINE_BYTES
+) -> Iterator[tuple[int, bytes, tuple[LongLine, ...]]]:
+    """Yield ``(first_line_number, bytes, long_lines)`` blocks that end on line boundaries (no
+    trailing newline). A line longer than ``max_line_bytes`` is never held whole: it is read past
+    and replaced by an empty line in its block, and described in ``long_lines`` (for the quarantine).
+    """
     line_no = 1
     carry = b""
-    with open_binary(path) as fh:
-        while True:
-            data = fh.read(block_bytes)
-            if not data:
-                break
-            cut = data.rfind(b"\n")
-            if cut < 0:
-                carry += data
+    skipping: list | None = None  # [preview, length] of a long line being read past
+    pending: list[LongLine] = []
+    for data in read_chunks(path, block_bytes):
+        if skipping is not None:
+            nl = data.find(b"\n")
+            if nl < 0:
+                skipping[1] += len(data)
                 continue
-            # One copy of the block (carry + head); the tail after the last newline is small.
-            block = carry + data[:cut] if carry else data[:cut]
-            carry = data[cut + 1 :]
-            yield line_no, block
-            line_no += block.count(b"\n") + 1
-    if carry:
-        yield line_no, carry
+            pending.append(LongLine(line_no, skipping[0], skipping[1] + nl))
+            skipping = None
+            data = data[nl:]  # the long line becomes an empty line before this newline
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            carry += data
+            if len(carry) > max_line_bytes:
+                skipping = [carry[: 4 * RAW_PREVIEW_CHARS], len(carry)]
+                carry = b""
+            continue
+        # One copy of the block (carry + head); the tail after the last newline is small.
+        block = carry + data[:cut] if carry else data[:cut]
+        carry = data[cut + 1 :]
+        block, long_lines = _blank_long_lines(block, line_no, max_line_bytes, pending)
+        pending = []
+        yield line_no, block, long_lines
+        line_no += block.count(b"\n") + 1
+    if skipping is not None:
+        pending.append(LongLine(line_no, skipping[0], skipping[1]))
+    if carry or pending:
+        block, long_lines = _blank_long_lines(carry, line_no, max_line_bytes, pending)
+        yield line_no, block, long_lines
+
+
+def _blank_long_lines(
+    block: bytes, first_line: int, max_line_bytes: int, known: list[LongLine]
+) -> tuple[bytes, tuple[LongLine, ...]]:
+    """Replace the lines of ``block`` longer than ``max_line_bytes`` by empty lines."""
+    if len(block) <= max_line_bytes:
+        return block, tuple(known)
+    data = np.frombuffer(block, dtype=np.uint8)
+    ends = np.append(np.flatnonzero(data == 10), len(data))
+    starts = np.concatenate(([0], ends[:-1] + 1))
+    long_idx = np.flatnonzero(ends - starts > max_line_bytes)
+    if not len(long_idx):
+        return block, tuple(known)
+    parts: list[bytes] = []
+    found = list(known)
+    pos = 0
+    for i in long_idx.tolist():
+        s, e = int(starts[i]), int(ends[i])
+        parts.append(block[pos:s])
+        found.append(LongLine(first_line + i, block[s : s + 4 * RAW_PREVIEW_CHARS], e - s))
+        pos = e
+    parts.append(block[pos:])
+    return b"".join(parts), tuple(sorted(found, key=lambda x: x.line))
 
 
 def line_spans(block: bytes, separator: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -218,7 +289,7 @@ def _checks(layout: Layout) -> list[tuple[pl.Expr, pl.Expr]]:
         pl.format("expected {} fields, found {}", pl.lit(span), pl.col("_nf")),
     ))
     if layout.label:
-        lab = pl.col(layout.label).str.strip_chars()
+        lab = pl.col(layout.label).str.strip_chars(LABEL_STRIP)
         checks.append((
             ~lab.is_in(["0", "1"]).fill_null(False),
             pl.format("label {}: {} is not 0 or 1", pl.lit(layout.label), lab.fill_null("<missing>")),
@@ -251,7 +322,8 @@ def _dense_bad(layout: Layout, raw: pl.Expr, value: pl.Expr) -> tuple[pl.Expr, s
 def _outputs(layout: Layout) -> list[pl.Expr]:
     out = [pl.col("_line")]
     if layout.label:
-        out.append(pl.col(layout.label).cast(pl.Float32, strict=False).alias("label"))
+        label = pl.col(layout.label).str.strip_chars(LABEL_STRIP)
+        out.append(label.cast(pl.Float32, strict=False).alias("label"))
     out += [pl.col(f"_v_{name}").alias(name) for name in layout.dense]
     out += [pl.col(name) for name in layout.categorical]
     return out
@@ -332,16 +404,26 @@ def _parse_careful(layout: Layout, first_line: int, block: bytes) -> RawBlock:
     return _finish(layout, df, lambda i: raw[i])
 
 
-def parse_block(layout: Layout, first_line: int, block: bytes) -> RawBlock:
-    """Validate and split one block of lines; see the module docstring."""
-    return _parse_fast(layout, first_line, block) or _parse_careful(layout, first_line, block)
+def parse_block(layout: Layout, first_line: int, block: bytes, long_lines: tuple[LongLine, ...] = ()) -> RawBlock:
+    """Validate and split one block of lines; see the module docstring. ``long_lines`` (from
+    :func:`iter_line_blocks`) are quarantined as too long instead of as the empty lines they became."""
+    parsed = _parse_fast(layout, first_line, block) or _parse_careful(layout, first_line, block)
+    if long_lines:
+        by_line = {x.line: x for x in long_lines}
+        for rec in parsed.quarantine:
+            x = by_line.get(rec["line"])
+            if x is not None:
+                rec["reason"] = f"line longer than {MAX_LINE_BYTES} bytes"
+                rec["bytes"] = x.length
+                rec["raw"] = x.preview.decode("utf-8", "backslashreplace")[:RAW_PREVIEW_CHARS]
+    return parsed
 
 
 def _first_line(path: Path) -> bytes:
     with open_binary(path) as fh:
         try:
             return fh.readline(1 << 20)
-        except (OSError, EOFError) as exc:
+        except (OSError, EOFError, zlib.error) as exc:
             raise UserError(f"{path}: cannot read: {exc}") from None
 
 
@@ -358,11 +440,8 @@ def iter_raw_blocks(
     path: Path, spec: SourceSpec, labeled: bool | None = None, block_bytes: int = DEFAULT_BLOCK_BYTES
 ) -> Iterator[RawBlock]:
     layout = open_source(path, spec, labeled)
-    try:
-        for first_line, block in iter_line_blocks(path, block_bytes):
-            yield parse_block(layout, first_line, block)
-    except (OSError, EOFError, gzip.BadGzipFile) as exc:
-        raise UserError(f"{path}: cannot read: {exc}") from None
+    for first_line, block, long_lines in iter_line_blocks(path, block_bytes):
+        yield parse_block(layout, first_line, block, long_lines)
 
 
 def read_raw(

@@ -1,0 +1,46 @@
+"""The options of one ingest, as one validated model shared by the CLI, ``run_ingest`` and pipelines.
+
+Everything here changes what an ingest writes, except ``workers`` (outputs are byte-identical for
+any worker count); the block size is a tuning knob of :func:`ctr_ad.ingest.run.run_ingest`, not an
+option.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from ctr_ad.strict import StrictModel, validate_model
+
+SplitMode = Literal["sequential", "random", "files"]
+
+
+class IngestOptions(StrictModel):
+    """How raw logs become splits; see ``ctr-ad ingest --help`` for each option."""
+
+    split: SplitMode = Field("sequential", description="sequential keeps file order (test = latest "
+                             "rows); random is seeded; files: one input file per split")
+    valid_frac: float = Field(0.1, ge=0, lt=1, description="fraction of rows in the valid split")
+    test_frac: float = Field(0.1, ge=0, lt=1, description="fraction of rows in the test split")
+    min_count: int = Field(2, ge=1, description="categorical values seen fewer times in train map "
+                           "to out-of-vocabulary")
+    seed: int = Field(0, description="seed of the random split")
+    max_bad_fraction: float = Field(0.01, ge=0, le=1, description="fail when more than this fraction "
+                                    "of rows is quarantined")
+    workers: int = Field(1, ge=1, le=256, description="parallel worker processes")
+
+    @model_validator(mode="after")
+    def _fractions(self) -> IngestOptions:
+        if self.valid_frac + self.test_frac >= 1:
+            raise ValueError("valid_frac + test_frac must be less than 1")
+        return self
+
+    @classmethod
+    def of(cls, data: dict[str, Any], origin: str = "ingest options") -> IngestOptions:
+        """Validate ``data``; every problem is one UserError line naming the key."""
+        return validate_model(cls, data, origin)
+
+    def manifest_options(self) -> dict[str, Any]:
+        """The options recorded in manifest.json (those that change the outputs)."""
+        return self.model_dump(exclude={"workers"})

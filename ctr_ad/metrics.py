@@ -3,7 +3,7 @@
 Accuracy of one prediction vector ``p`` against 0/1 labels ``y``:
     logloss, auc, calibration = mean(p) / mean(y), ece (expected calibration error over equal-mass bins).
 
-PD between two replicas' predictions ``p1``, ``p2`` on the same rows (DESIGN.md):
+PD between two replicas' predictions ``p1``, ``p2`` on the same rows:
     pd_abs = mean |p1 − p2|
     pd_rel = mean 2|p1 − p2| / (p1 + p2)            (0 where p1 = p2 = 0; always in [0, 2])
     pd_rms = sqrt(mean (p1 − p2)²), pd_max and pd_q50/q90/q99 = quantiles of |p1 − p2|

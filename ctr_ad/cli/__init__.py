@@ -20,7 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ingest": ("ctr_ad.ingest.command", "turn raw click logs into Parquet splits + features.json"),
     "synth": ("ctr_ad.cli.synth", "write a Criteo-like synthetic click log"),
     "train": ("ctr_ad.cli.train", "train an (anti-distilled) ensemble on ingested data"),
-    "predict": ("ctr_ad.predict_command", "score a raw log with a trained bundle"),
+    "predict": ("ctr_ad.cli.predict", "score a raw log with a trained bundle"),
     "experiment": ("ctr_ad.cli.experiment", "run replicated arms and measure reproducibility"),
     "report": ("ctr_ad.cli.report", "write report.html / report.md for an experiment"),
     "pipeline": ("ctr_ad.cli.pipeline", "run a batch pipeline (ingest → experiment → report)"),

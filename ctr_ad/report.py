@@ -412,19 +412,10 @@ GLOSSARY = [
 
 
 # --------------------------------------------------------------------------------------------- report
-def write_report(exp_dir: str | Path) -> Path:
-    """Write ``report.html`` and ``report.md`` into ``exp_dir``; returns the HTML path."""
-    exp_dir = Path(exp_dir)
-    results = load_results(exp_dir)
+def summary_lines(results: dict[str, Any], v: Verdict | None) -> list[str]:
+    """The first screen's sentences (HTML): best arm, rule, baseline, and the anti-distillation verdict."""
     arms = results["arms"]
-    data_dir = Path(results["data_dir"])
     best, base = results.get("best"), results.get("baseline")
-    names = key_arms(results)
-    header, rows = arms_table(results)
-    v = verdict(results)
-    highlight = {n: c for n, c in ((base, "baseline"), (best, "best")) if n}
-
-    # summary sentences
     lines = []
     if best:
         a = arms[best]
@@ -459,6 +450,23 @@ def write_report(exp_dir: str | Path) -> Path:
         )
     elif v is not None and base:
         lines.append("No anti-distillation arm is within the logloss tolerance of the baseline.")
+
+    return lines
+
+
+def write_report(exp_dir: str | Path) -> Path:
+    """Write ``report.html`` and ``report.md`` into ``exp_dir``; returns the HTML path."""
+    exp_dir = Path(exp_dir)
+    results = load_results(exp_dir)
+    arms = results["arms"]
+    data_dir = Path(results["data_dir"])
+    best, base = results.get("best"), results.get("baseline")
+    names = key_arms(results)
+    header, rows = arms_table(results)
+    v = verdict(results)
+    highlight = {n: c for n, c in ((base, "baseline"), (best, "best")) if n}
+
+    lines = summary_lines(results, v)
 
     sections: list[tuple[str, str]] = []
     sections.append(("Summary", "<div class='verdict'>" + "<br>".join(lines) + "</div>"))

@@ -47,7 +47,7 @@ import pyarrow.parquet as pq
 from ctr_ad import __version__
 from ctr_ad.errors import UserError
 from ctr_ad.features import FeatureProcessor
-from ctr_ad.files import atomic_write_text, replace_dir
+from ctr_ad.files import atomic_write_text, replace_dir, utc_timestamp
 from ctr_ad.hashing import sha256_file
 from ctr_ad.ingest.lifecycle import Janitor, remove_stale_staging, staging_dir, worker_init
 from ctr_ad.ingest.options import IngestOptions
@@ -307,15 +307,7 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
     try:
         # ---- pass 1: parse, validate, split, count the training rows, spill
         log.info("reading %d file(s) as %s with %d worker(s)", len(inputs), source, workers)
-        line_offsets = [0] * len(inputs)
-        plan = SplitPlan(opts.split, opts.seed, 0, 0, opts.valid_frac, opts.test_frac)
-        if opts.split == "sequential":
-            data_lines = [count_data_lines(p, lay) for p, lay in zip(inputs, layouts, strict=True)]
-            line_offsets = [sum(data_lines[:i]) for i in range(len(inputs))]
-            total = sum(data_lines)
-            n_test, n_valid = round(total * opts.test_frac), round(total * opts.valid_frac)
-            plan = SplitPlan(opts.split, opts.seed, total - n_valid - n_test, n_valid, opts.valid_frac,
-                             opts.test_frac)
+        plan, line_offsets = _split_plan(inputs, layouts, opts)
         file_stats = [{"path": str(p), "rows_read": 0, "rows_written": 0, "rows_quarantined": 0}
                       for p in inputs]
         spills: list[str] = []
@@ -355,20 +347,7 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
                     by_kind[reason_kind(rec["reason"])] += 1
                     if len(examples) < 5:
                         examples.append(rec)
-        rows_read = sum(f["rows_read"] for f in file_stats)
-        rows_bad = sum(f["rows_quarantined"] for f in file_stats)
-        n_rows = sum(f["rows_written"] for f in file_stats)
-        for fs in file_stats:
-            if fs["rows_read"] != fs["rows_written"] + fs["rows_quarantined"]:
-                raise RuntimeError(f"ingest accounting error: {fs}")
-        log.info("read %d rows: %d valid, %d quarantined", rows_read, n_rows, rows_bad)
-        if too_many_bad(rows_read, rows_bad, opts.max_bad_fraction):
-            kept = out.with_name(f"{out.name}.failed-{QUARANTINE}")
-            os.replace(quarantine_path, kept)
-            raise UserError(quarantine_summary(by_kind, examples, rows_read, rows_bad, opts.max_bad_fraction,
-                                               where=f"{kept} ({out} is left as it was)"))
-        if n_rows == 0:
-            raise UserError(f"{', '.join(map(str, inputs))}: no valid rows")
+        _check_rows(file_stats, by_kind, examples, quarantine_path, inputs, out, opts)
         log.info("fitted features: vocab sizes %s", ", ".join(
             f"{c}={n}" for c, n in zip(fp.categorical_columns, fp.cardinalities, strict=True)))
 
@@ -382,7 +361,51 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
             pool.shutdown(cancel_futures=True)
         _load_features.cache_clear()
 
-    # ---- the manifest, last: it names every file by hash
+    manifest = _manifest(stage, inputs, source, opts, file_stats, by_kind, split_rows, fp, started)
+    atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=1) + "\n")
+    return manifest
+
+
+def _check_rows(file_stats: list[dict], by_kind: Counter, examples: list[dict], quarantine_path: Path,
+                inputs: list[Path], out: Path, opts: IngestOptions) -> None:
+    """Rows read = written + quarantined per file; too many bad rows or none valid fail the run (the
+    failed run's quarantine is kept beside ``out``, which stays as it was)."""
+    rows_read = sum(f["rows_read"] for f in file_stats)
+    rows_bad = sum(f["rows_quarantined"] for f in file_stats)
+    n_rows = sum(f["rows_written"] for f in file_stats)
+    for fs in file_stats:
+        if fs["rows_read"] != fs["rows_written"] + fs["rows_quarantined"]:
+            raise RuntimeError(f"ingest accounting error: {fs}")
+    log.info("read %d rows: %d valid, %d quarantined", rows_read, n_rows, rows_bad)
+    if too_many_bad(rows_read, rows_bad, opts.max_bad_fraction):
+        kept = out.with_name(f"{out.name}.failed-{QUARANTINE}")
+        os.replace(quarantine_path, kept)
+        raise UserError(quarantine_summary(by_kind, examples, rows_read, rows_bad, opts.max_bad_fraction,
+                                           where=f"{kept} ({out} is left as it was)"))
+    if n_rows == 0:
+        raise UserError(f"{', '.join(map(str, inputs))}: no valid rows")
+
+
+def _split_plan(inputs: list[Path], layouts: list[Layout], opts: IngestOptions) -> tuple[SplitPlan, list[int]]:
+    """The split rule and each file's first data-line position (a sequential split counts lines first)."""
+    if opts.split != "sequential":
+        return SplitPlan(opts.split, opts.seed, 0, 0, opts.valid_frac, opts.test_frac), [0] * len(inputs)
+    data_lines = [count_data_lines(p, lay) for p, lay in zip(inputs, layouts, strict=True)]
+    line_offsets = [sum(data_lines[:i]) for i in range(len(inputs))]
+    total = sum(data_lines)
+    n_test, n_valid = round(total * opts.test_frac), round(total * opts.valid_frac)
+    plan = SplitPlan(opts.split, opts.seed, total - n_valid - n_test, n_valid, opts.valid_frac, opts.test_frac)
+    return plan, line_offsets
+
+
+def _manifest(stage: Path, inputs: list[Path], source: str, opts: IngestOptions, file_stats: list[dict],
+              by_kind: Counter, split_rows: dict[str, int], fp: FeatureProcessor, started: float) -> dict:
+    """The manifest of a finished ingest: it names every output file by hash."""
+    rows_read = sum(f["rows_read"] for f in file_stats)
+    rows_bad = sum(f["rows_quarantined"] for f in file_stats)
+    n_rows = sum(f["rows_written"] for f in file_stats)
+    quarantine_path = stage / QUARANTINE
+    workers = opts.workers
     outputs = {name: sha256_file(stage / name) for name in [*(f"{s}.parquet" for s in SPLITS), "features.json"]}
     fingerprint = hashlib.sha256("".join(f"{k}:{v}\n" for k, v in sorted(outputs.items())).encode()).hexdigest()
     manifest = {
@@ -403,12 +426,11 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
         "run": {
             "elapsed_s": round(time.time() - started, 3),
             "workers": workers,
-            "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            "finished_at": utc_timestamp(),
             "versions": {"ctr_ad": __version__, "python": platform.python_version(),
                          "polars": pl.__version__, "pyarrow": pa.__version__},
         },
     }
-    atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 

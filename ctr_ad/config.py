@@ -38,6 +38,10 @@ class ModelConfig(_Section):
     activation: Literal["relu", "smelu"] = "relu"
     smelu_beta: float = Field(1.0, gt=0.0, description="SmeLU half-width β")
     prediction: Literal["mean_prob", "mean_logit"] = "mean_prob"
+    anchor: Literal["none", "logreg"] = Field(
+        "none", description="logreg: z_k = z_linear + h_k, a converged logistic regression fitted first and frozen"
+    )
+    anchor_C: float | None = Field(None, gt=0.0, description="the anchor's inverse L2 (None: chosen on valid)")
 
     @field_validator("mlp")
     @classmethod
@@ -57,6 +61,14 @@ class AntiDistillationConfig(_Section):
     penalty_batch_size: int | None = Field(None, ge=2)
     signed: bool = Field(False, description="output/deviation decorrelation: mean corr instead of corr²")
     eps: float = Field(1e-6, gt=0.0, description="floor added to variances before normalising")
+    lambda_scale: Literal["absolute", "gradient_ratio"] = Field(
+        "absolute",
+        description="gradient_ratio: λ is the target ratio ‖∂(λ·penalty)/∂z‖ / ‖∂BCE/∂z‖, so one grid serves "
+        "every penalty",
+    )
+    forward_penalty_batch: bool = Field(
+        False, description="forward the shared penalty batch even at λ = 0 (the control arm of a penalty)"
+    )
 
     @field_validator("penalty")
     @classmethod
@@ -71,6 +83,11 @@ class AntiDistillationConfig(_Section):
     @property
     def active(self) -> bool:
         return self.penalty != "none" and self.lam > 0.0
+
+    @property
+    def uses_penalty_batch(self) -> bool:
+        """Whether each step draws the shared batch (a penalty, or its λ = 0 control)."""
+        return self.active or self.forward_penalty_batch
 
 
 class TrainConfig(_Section):
@@ -99,6 +116,13 @@ class TrainConfig(_Section):
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     progress: bool = Field(True, description="tqdm bar (only shown on a tty)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch default)")
+    weight_averaging_epochs: float = Field(
+        0.0, ge=0.0, description="exponential moving average of the weights over this many epochs (0 = off); "
+        "evaluation, best-step selection and the bundle use the averaged weights"
+    )
+    best_step_selection: Literal["ensemble", "none"] = Field(
+        "ensemble", description="ensemble: keep the weights of the best validation logloss; none: the final weights"
+    )
 
 
 class DataConfig(_Section):

@@ -46,6 +46,7 @@ class EnsembleCTR(nn.Module):
         activation: Literal["relu", "smelu"] = "relu",
         smelu_beta: float = 1.0,
         sparse: bool = False,
+        anchor: bool = False,
     ) -> None:
         super().__init__()
         if components < 1:
@@ -80,6 +81,13 @@ class EnsembleCTR(nn.Module):
         )
         self.biases = nn.ParameterList(nn.Parameter(torch.zeros(self.components, 1, w_out)) for w_out in widths[1:])
         self.dropout = nn.Dropout(dropout)
+        self.anchored = bool(anchor)
+        if self.anchored:
+            # A frozen linear model shared by every component: z_k = z_anchor + h_k. Buffers, so the
+            # optimizers never see them, but saved with the weights (bundles, checkpoints).
+            self.register_buffer("anchor_cat", torch.zeros(max(self.rows_per_component, 1)))
+            self.register_buffer("anchor_dense", torch.zeros(self.n_dense))
+            self.register_buffer("anchor_bias", torch.zeros(1))
         self.reset_parameters()
 
     @classmethod
@@ -96,7 +104,24 @@ class EnsembleCTR(nn.Module):
             activation=cfg.activation,
             smelu_beta=cfg.smelu_beta,
             sparse=sparse,
+            anchor=cfg.anchor != "none",
         )
+
+    @torch.no_grad()
+    def set_anchor(self, cat_weight: Tensor, dense_weight: Tensor, bias: float) -> None:
+        """Install a fitted linear model (weights per global categorical row and per dense feature)."""
+        if not self.anchored:
+            raise ValueError("this model was built without an anchor")
+        self.anchor_cat.copy_(torch.as_tensor(cat_weight, dtype=torch.float32))
+        self.anchor_dense.copy_(torch.as_tensor(dense_weight, dtype=torch.float32))
+        self.anchor_bias.fill_(float(bias))
+
+    def anchor_logit(self, cat: Tensor, dense: Tensor) -> Tensor:
+        """z_anchor [B] or [K, B] for cat [B, F] | [K, B, F] and dense [B, D] | [K, B, D]."""
+        z = self.anchor_cat[cat + self.field_offsets].sum(dim=-1) + self.anchor_bias
+        if self.n_dense:
+            z = z + dense.to(self.anchor_dense.dtype) @ self.anchor_dense
+        return z
 
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """The optimizer groups: ``dense`` (MLP weights and biases) and ``embedding`` (the one table,
@@ -120,8 +145,13 @@ class EnsembleCTR(nn.Module):
             return torch.relu(x)
         return smelu(x, self.smelu_beta)
 
-    def forward(self, cat: Tensor, dense: Tensor, embedding_l2: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    def forward(
+        self, cat: Tensor, dense: Tensor, embedding_l2: bool = False, dropout: bool = True
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """Logits [K, B] from cat [B, F] | [K, B, F] (int64) and dense [B, D] | [K, B, D] (float).
+
+        ``dropout=False`` runs a training-mode forward without dropout (the penalty's pass: a penalty
+        on dropout-perturbed outputs would reward sensitivity to dropout noise, not diversity).
 
         With ``embedding_l2`` also returns Σ_k mean_b ‖e_kb‖², the squared norm of the embeddings the
         batch gathered: an L2 penalty on the rows in use that, unlike weight decay, keeps the
@@ -139,8 +169,11 @@ class EnsembleCTR(nn.Module):
         for i, (w, b) in enumerate(zip(self.weights, self.biases)):
             x = torch.baddbmm(b, x, w)
             if i < last:
-                x = self.dropout(self._act(x))
+                x = self._act(x)
+                x = self.dropout(x) if dropout else x
         logits = x.squeeze(-1)
+        if self.anchored:
+            logits = logits + self.anchor_logit(cat, dense).to(logits.dtype)
         if embedding_l2:
             return logits, emb.float().square().sum() / batch
         return logits

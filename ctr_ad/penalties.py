@@ -6,11 +6,20 @@ registered under its config name (``anti_distillation.penalty``) with ``@registe
 The training loss is Σ_k BCE(y, σ(z_k)) + λ(t) · penalty(z) (``ctr_ad.losses``).
 
 * ``output_decorrelation`` — mean over k ≠ l of corr(z_k, z_l)² over the batch.
-* ``deviation_decorrelation`` — the same on the deviations from the ensemble mean logit.
 * ``negative_correlation`` — negative correlation learning (Liu & Yao 1999) on probabilities.
 * ``prob_decorrelation`` — output decorrelation of the probabilities σ(z_k) rather than the logits.
 * ``hinge_decorrelation_<ρ0>`` — corr pushed down only above ρ0 ∈ {0.5, 0.8}, so a large λ cannot
   drive components to anti-correlated, individually useless solutions.
+* ``kernel_repulsion`` — components repel in function space with an RBF kernel whose bandwidth is
+  the median pairwise distance (a scale that does not vanish as components change).
+* ``ncl_logit`` — negative correlation learning on logits, each squared deviation capped at τ² = 1.
+* ``codistillation`` — the opposite of anti-distillation: each component fits the stop-gradient mean
+  probability of the others (λ > 0 pulls components together).
+
+``deviation_decorrelation`` (corr² of the deviations from the ensemble mean) was removed: it is
+scale-invariant, and since the K deviations sum to zero its floor (−1/(K−1) correlation) is reached by
+any independent deviations and it only decreases further as components become identical — it
+rewarded collapse, which is what the experiments saw.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 HINGE_TARGETS = (0.5, 0.8)
@@ -77,18 +87,6 @@ def output_decorrelation(z: Tensor, *, signed: bool = False, eps: float = 1e-6) 
     return _mean_off_diagonal(pairwise_correlation(z, eps), signed)
 
 
-@register_penalty("deviation_decorrelation")
-def deviation_decorrelation(z: Tensor, *, signed: bool = False, eps: float = 1e-6) -> Tensor:
-    """Mean over k ≠ l of corr(d_k, d_l)², with d_k = z_k − mean_k z_k (``signed``: of corr).
-
-    The same correlation as :func:`output_decorrelation`, on each component's deviation from the
-    ensemble mean logit, so that the shared signal does not enter the penalty. Note Σ_k d_k = 0, so for
-    K = 2 the deviations are exactly anti-correlated (corr² = 1, a constant).
-    """
-    d = z - z.mean(dim=0, keepdim=True)
-    return _mean_off_diagonal(pairwise_correlation(d, eps), signed)
-
-
 @register_penalty("negative_correlation")
 def negative_correlation(z: Tensor, *, signed: bool = False, eps: float = 1e-6) -> Tensor:
     """Negative correlation learning (Liu & Yao 1999): −mean_k mean_b (σ(z_kb) − p_b)², p = mean_k σ(z_k).
@@ -140,3 +138,47 @@ def penalty_value(name: str, logits: Tensor, *, signed: bool = False, eps: float
     if fn is None:
         raise ValueError(f"unknown penalty {name!r}; known: {sorted(PENALTIES)}")
     return fn(logits, signed=signed, eps=eps)
+
+
+def _off_diagonal(m: Tensor) -> Tensor:
+    k = m.shape[0]
+    return m[~torch.eye(k, dtype=torch.bool, device=m.device)]
+
+
+@register_penalty("kernel_repulsion")
+def kernel_repulsion(z: Tensor, *, signed: bool = False, eps: float = 1e-6) -> Tensor:
+    """Mean over k ≠ l of exp(−d²_kl / h), d²_kl = mean_b (z_kb − z_lb)², h = median_{k≠l} d²_kl (no gradient).
+
+    Minimising it pushes the components' logit functions apart; the median-heuristic bandwidth keeps
+    the penalty's gradient at a useful size whatever the current spread (unlike corr² or NCL, whose
+    values become tiny). ``signed`` is unused.
+    """
+    if z.shape[0] < 2:
+        return z.new_zeros(())
+    d2 = (z.unsqueeze(0) - z.unsqueeze(1)).square().mean(dim=-1)
+    off = _off_diagonal(d2)
+    h = off.detach().median().clamp(min=eps)
+    return torch.exp(-off / h).mean()
+
+
+NCL_CAP = 1.0  # τ² in logit units: beyond a deviation of one logit, more spread earns nothing
+
+
+@register_penalty("ncl_logit")
+def ncl_logit(z: Tensor, *, signed: bool = False, eps: float = 1e-6) -> Tensor:
+    """−mean_k mean_b min((z_kb − z̄_b)², τ²), z̄ = mean_k z_k: NCL on logits, capped so it cannot run away."""
+    if z.shape[0] < 2:
+        return z.new_zeros(())
+    dev = (z - z.mean(dim=0, keepdim=True)).square()
+    return -torch.clamp(dev, max=NCL_CAP).mean()
+
+
+@register_penalty("codistillation")
+def codistillation(z: Tensor, *, signed: bool = False, eps: float = 1e-6) -> Tensor:
+    """mean_k BCE(stopgrad(mean_{l≠k} σ(z_l)), σ(z_k)): each component also fits the others' mean."""
+    k = z.shape[0]
+    if k < 2:
+        return z.new_zeros(())
+    p = torch.sigmoid(z).detach()
+    others = (p.sum(dim=0, keepdim=True) - p) / (k - 1)
+    return F.binary_cross_entropy_with_logits(z, others)

@@ -37,6 +37,7 @@ Structure: :class:`Trainer` holds the run's state; its stages read top to bottom
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -59,6 +60,7 @@ from tqdm import tqdm
 from ctr_ad import bundle as bundle_mod
 from ctr_ad import checkpoint as ckpt
 from ctr_ad import distributed as dist_mod
+from ctr_ad.averaging import WeightAverager
 from ctr_ad.config import Config, load_config
 from ctr_ad.data import Batch, MemoryBatches, PlanSpec, StreamBatches, TensorData, derive_seed, load_split
 from ctr_ad.dataset import verify_data_dir
@@ -226,7 +228,7 @@ class Trainer:
             torch.set_num_threads(self.t.threads)
         checkpoint = self._prepare_run_dir(resume)
         self._build_data()
-        self._build_model()
+        self._build_model(fit_anchor=checkpoint is None)
         self.state = LoopState()
         self.window = Window()
         self.best_weights: dict[str, Tensor] | None = None
@@ -273,7 +275,8 @@ class Trainer:
             batch_size=t.batch_size,
             components=self.cfg.model.components,
             independent=independent,
-            penalty_batch_size=(ad.penalty_batch_size or t.batch_size) if (independent and ad.active) else None,
+            penalty_batch_size=(ad.penalty_batch_size or t.batch_size) if (independent and ad.uses_penalty_batch)
+            else None,
             seed=t.seed_data,
             rank=ctx.rank,
             world=ctx.world,
@@ -311,12 +314,14 @@ class Trainer:
                     f"{path}: every label is {low:g}; the model can only learn a constant and AUC is undefined"
                 )
 
-    def _build_model(self) -> None:
+    def _build_model(self, fit_anchor: bool) -> None:
         t, ctx = self.t, self.ctx
         model = EnsembleCTR.from_config(
             self.cfg.model, self.features.cardinalities, len(self.features.dense_columns), sparse=self.sparse
         )
         model.reset_parameters(torch.Generator().manual_seed(t.seed_init))
+        if model.anchored and fit_anchor:  # a resumed run restores the anchor with the weights
+            self._fit_anchor(model)
         model.to(self.device)
         self.model = model
         self.net: nn.Module = model
@@ -326,12 +331,33 @@ class Trainer:
         self.optimizers = build_optimizers(model, self.cfg, self.sparse)
         self.schedulers = build_schedulers(self.optimizers, self.cfg, self.total_steps)
         self.params = list(model.parameters())
+        self.averager = (
+            WeightAverager(model, t.weight_averaging_epochs, self.plan.steps_per_epoch)
+            if t.weight_averaging_epochs > 0
+            else None
+        )
         # Dropout draws from the global RNG: seed it per rank so shards do not share masks.
         torch.manual_seed(derive_seed(t.seed_init, t.seed_data, ctx.rank, 7))
         random.seed(derive_seed(t.seed_data, ctx.rank, 11))
 
+    def _fit_anchor(self, model: EnsembleCTR) -> None:
+        """Fit the frozen linear anchor (deterministic: L-BFGS on the full training split) and record it."""
+        import polars as pl
+
+        from ctr_ad.linear import fit_linear
+
+        valid = pl.read_parquet(self.data.valid) if self.data.valid.is_file() else None
+        fit = fit_linear(pl.read_parquet(self.data.train), valid, self.features, self.cfg.model.anchor_C)
+        if not fit.converged:
+            logger.warning(f"the linear anchor (C={fit.C:g}) did not converge in {fit.iterations} iterations")
+        model.set_anchor(torch.from_numpy(fit.cat_weight), torch.from_numpy(fit.dense_weight), fit.intercept)
+        if self.ctx.is_main:
+            (self.run.root / "anchor.json").write_text(json.dumps(finite_or_none(fit.record()), indent=1))
+
     def _restore(self, checkpoint: dict[str, Any]) -> None:
         self.model.load_state_dict(checkpoint["model"])
+        if self.averager is not None:
+            self.averager.load_state_dict(checkpoint["averager"])
         for o, s in zip(self.optimizers, checkpoint["optimizers"], strict=True):
             o.load_state_dict(s)
         for sch, s in zip(self.schedulers, checkpoint["schedulers"], strict=True):
@@ -408,39 +434,47 @@ class Trainer:
         if interrupted:
             raise TrainingInterrupted(self.state.step, self.run.checkpoint)
 
-    def _forward_batch(self, batch: Batch) -> tuple[Tensor, Tensor | None, int]:
-        """(logits [K, own + shared rows] float32, Σ‖e‖² or None, own rows) of one training batch."""
-        dev, k = self.device, self.cfg.model.components
+    def _forward_batch(self, batch: Batch) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        """(own logits [K, B], Σ‖e‖² or None, penalty logits [K, P] or None) of one training batch.
+
+        The penalty's logits come from a second forward without dropout and without the embedding L2
+        term: the shared batch when the data orders are independent, the component's own rows
+        otherwise (only when the model has dropout; else the own logits serve).
+        """
+        dev, ad = self.device, self.ad
         cat, dense = batch.cat.to(dev, non_blocking=True), batch.dense.to(dev, non_blocking=True)
-        own_rows = cat.shape[-2]
-        if batch.penalty is not None:
-            # Append the shared penalty rows to every component's own rows: still one forward.
-            pc = batch.penalty.cat.to(dev).unsqueeze(0).expand(k, -1, -1)
-            pd = batch.penalty.dense.to(dev).unsqueeze(0).expand(k, -1, -1)
-            cat, dense = torch.cat([cat, pc], dim=1), torch.cat([dense, pd], dim=1)
         emb_sq = None
         with autocast(dev, self.t.amp):
             if self.t.embedding_l2 > 0:
                 logits, emb_sq = self.net(cat, dense, embedding_l2=True)
             else:
                 logits = self.net(cat, dense)
-        return logits.float(), emb_sq, own_rows
+            shared = None
+            if batch.penalty is not None:
+                shared = self.net(batch.penalty.cat.to(dev), batch.penalty.dense.to(dev), dropout=False)
+            elif ad.active and self.cfg.model.dropout > 0:
+                shared = self.net(cat, dense, dropout=False)
+        logits = logits.float()
+        if shared is None and ad.active:
+            shared = logits
+        return logits, emb_sq, shared.float() if shared is not None else None
 
     def _step(self, batch: Batch) -> float:
         """One optimizer step; adds the losses to the window and returns the total loss."""
         ad, t = self.ad, self.t
-        logits, emb_sq, own_rows = self._forward_batch(batch)
-        own = logits[:, :own_rows]
+        own, emb_sq, shared = self._forward_batch(batch)
         label = batch.label.to(self.device, non_blocking=True)
         # Each rank divides by its share of the global batch, so DDP's mean of gradients is the
         # exact global-batch gradient even when the last batch splits unevenly.
         bce = summed_bce(own, label, denominator=batch.global_rows / self.ctx.world)
-        lam = lambda_at(self.state.step, ad.lam, ad.warmup_steps)
-        pen = logits.new_zeros(())
-        if ad.active:
-            shared = logits[:, own_rows:] if batch.penalty is not None else own
+        pen = own.new_zeros(())
+        if ad.active and shared is not None:
             pen = penalty_value(ad.penalty, shared, signed=ad.signed, eps=ad.eps)
-        loss = bce + lam * pen if ad.active else bce
+            loss = bce + self._penalty_weight(bce, pen, own, shared) * pen
+        elif shared is not None:
+            loss = bce + 0.0 * shared.sum()  # the λ = 0 control: the shared rows are in the graph
+        else:
+            loss = bce
         if emb_sq is not None:
             loss = loss + t.embedding_l2 * emb_sq
         for o in self.optimizers:
@@ -452,9 +486,25 @@ class Trainer:
             o.step()
         for s in self.schedulers:
             s.step()
+        if self.averager is not None:
+            self.averager.update()
         total = float(loss.detach())
         self.window.add(total, float(bce.detach()), float(pen.detach()), batch.global_rows)
         return total
+
+    def _penalty_weight(self, bce: Tensor, pen: Tensor, own: Tensor, shared: Tensor) -> float:
+        """λ(t), or with ``lambda_scale: gradient_ratio`` λ(t) · ‖∂BCE/∂z‖ / ‖∂penalty/∂z‖ measured on
+        this step's logits, so that λ is the ratio of the two gradients whatever the penalty's units."""
+        ad = self.ad
+        lam = lambda_at(self.state.step, ad.lam, ad.warmup_steps)
+        if ad.lambda_scale == "absolute" or lam == 0.0:
+            return lam
+        (g_bce,) = torch.autograd.grad(bce, own, retain_graph=True)
+        (g_pen,) = torch.autograd.grad(pen, shared, retain_graph=True, allow_unused=True)
+        if g_pen is None:
+            return 0.0
+        ratio = float(torch.linalg.vector_norm(g_bce)) / max(float(torch.linalg.vector_norm(g_pen)), 1e-12)
+        return lam * ratio
 
     # ---- evaluation and early stopping
     def _score(self, source: TensorData | Path) -> Evaluation:
@@ -464,14 +514,18 @@ class Trainer:
     def _evaluate(self) -> None:
         """Score the validation split, keep the best weights, decide early stopping, log a line."""
         s, w = self.state, self.window
-        ev = self._score(self.valid)
-        if not np.isfinite(ev.logits).all():
-            raise self._diverged("a validation logit")
-        improved = ev.logloss < s.best_logloss
+        with self._evaluated_weights():
+            ev = self._score(self.valid)
+            if not np.isfinite(ev.logits).all():
+                raise self._diverged("a validation logit")
+            improved = ev.logloss < s.best_logloss
+            selecting = self.t.best_step_selection == "ensemble"
+            if improved or not selecting:
+                # Without selection the latest evaluation stands for the run (its final weights).
+                s.best_logloss, s.best_auc, s.best_step = ev.logloss, ev.auc, s.step
+                self.best_weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         if improved:
-            s.best_logloss, s.best_auc, s.best_step = ev.logloss, ev.auc, s.step
             s.bad_evals = 0
-            self.best_weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
         elif not math.isnan(ev.logloss):  # an empty validation split never stops a run
             s.bad_evals += 1
         patience = self.t.early_stopping_patience
@@ -499,6 +553,10 @@ class Trainer:
                 fh.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
         self.window = Window()
 
+    def _evaluated_weights(self) -> Any:
+        """The weights evaluation and selection see: the averaged ones when averaging is on."""
+        return self.averager.swapped_in() if self.averager is not None else contextlib.nullcontext()
+
     def _diverged(self, what: str) -> TrainingDiverged:
         last = self.run.checkpoint if self.run.checkpoint.is_file() else None
         return TrainingDiverged(self.state.step, what, self.t.lr, last)
@@ -520,6 +578,7 @@ class Trainer:
                     "state": asdict(self.state),
                     "best_model": self.best_weights,
                     "window": self.window.sums(),
+                    "averager": self.averager.state_dict() if self.averager is not None else None,
                 },
             )
         dist_mod.barrier(self.ctx)

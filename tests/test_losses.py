@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 from ctr_ad.losses import lambda_at, summed_bce
 from ctr_ad.penalties import (
     PENALTIES,
-    deviation_decorrelation,
     negative_correlation,
     output_decorrelation,
     pairwise_correlation,
@@ -50,17 +49,11 @@ def test_pairwise_correlation_matches_numpy() -> None:
     assert torch.allclose(pairwise_correlation(x, eps=TINY), torch.from_numpy(np.corrcoef(x.numpy())), atol=1e-9)
 
 
-def test_deviation_decorrelation_hand_values() -> None:
-    # K = 2: d_1 = -d_2, always perfectly anti-correlated.
-    z = t([[0.3, 1.0, -2.0], [1.0, 0.5, 0.0]])
-    assert deviation_decorrelation(z, eps=TINY).item() == pytest.approx(1.0)
-    assert deviation_decorrelation(z, signed=True, eps=TINY).item() == pytest.approx(-1.0)
-    # K = 3 with z_3 = mean of z_1, z_2 ... deviations: d_1 = (z1 - z2)/2 ... computed by hand:
-    # z1 = [2, 0], z2 = [0, 2], z3 = [1, 1] → mean [1, 1]; d1 = [1, -1], d2 = [-1, 1], d3 = [0, 0]
-    # corr(d1, d2) = -1; d3 is constant, its eps-floored correlation is 0.
-    z3 = t([[2, 0], [0, 2], [1, 1]])
-    expected = (2 * 1.0 + 4 * 0.0) / 6
-    assert deviation_decorrelation(z3, eps=1e-9).item() == pytest.approx(expected, abs=1e-6)
+def test_deviation_decorrelation_is_gone_and_named_in_the_error() -> None:
+    # Removed: it rewarded identical components (see ctr_ad/penalties.py).
+    assert "deviation_decorrelation" not in PENALTIES
+    with pytest.raises(ValueError, match="unknown penalty 'deviation_decorrelation'"):
+        penalty_value("deviation_decorrelation", torch.zeros(2, 3))
 
 
 def test_negative_correlation_hand_value() -> None:
@@ -85,7 +78,7 @@ def mean_offdiag_corr(z: torch.Tensor) -> float:
     return float((c.sum() - c.diagonal().sum()) / (k * (k - 1)))
 
 
-@pytest.mark.parametrize("name", ["output_decorrelation", "deviation_decorrelation", "negative_correlation"])
+@pytest.mark.parametrize("name", ["output_decorrelation", "negative_correlation", "kernel_repulsion", "ncl_logit"])
 def test_penalty_gradient_pushes_components_apart(name: str) -> None:
     """A small gradient step on the penalty alone lowers the penalty and the components' correlation."""
     g = torch.Generator().manual_seed(1)
@@ -95,10 +88,9 @@ def test_penalty_gradient_pushes_components_apart(name: str) -> None:
     before.backward()
     with torch.no_grad():
         stepped = z - 0.5 * z.grad / z.grad.norm()
-    # Correlation of the logits for (1) and (3); of the deviations from the ensemble mean for (2).
-    measure = (lambda x: x - x.mean(0, keepdim=True)) if name == "deviation_decorrelation" else (lambda x: x)
-    assert penalty_value(name, stepped).item() < before.item()
-    assert mean_offdiag_corr(measure(stepped)) < mean_offdiag_corr(measure(z))
+    if name != "kernel_repulsion":  # its bandwidth follows the spread, so its value is scale-free
+        assert penalty_value(name, stepped).item() < before.item()
+    assert mean_offdiag_corr(stepped) < mean_offdiag_corr(z)
 
 
 def test_lambda_warmup_and_bce() -> None:
@@ -150,5 +142,27 @@ def test_output_decorrelation_properties(k: int, b: int, seed: int, scale: float
     assert output_decorrelation(moved, eps=1e-12).item() == pytest.approx(
         output_decorrelation(z, eps=1e-12).item(), abs=1e-6
     )
-    assert deviation_decorrelation(z.flip(0)).item() == pytest.approx(deviation_decorrelation(z).item(), abs=1e-9)
     assert negative_correlation(z).item() <= 0.0
+
+
+def test_kernel_repulsion_hand_value_and_scale() -> None:
+    # K = 2: d² = mean((z1 − z2)²) = 4, h = median = 4 → exp(−1); scaling z keeps the value (the bandwidth adapts).
+    z = t([[0.0, 0.0], [2.0, 2.0]])
+    assert penalty_value("kernel_repulsion", z).item() == pytest.approx(math.exp(-1.0))
+    assert penalty_value("kernel_repulsion", 1e-3 * z).item() == pytest.approx(math.exp(-1.0))
+    assert penalty_value("kernel_repulsion", z[:1]).item() == 0.0
+
+
+def test_ncl_logit_is_capped() -> None:
+    z = t([[0.0, 0.0], [0.5, 10.0]])  # deviations ±0.25 and ±5 → squares 0.0625 and capped 1.0
+    assert penalty_value("ncl_logit", z).item() == pytest.approx(-(0.0625 + 1.0) / 2)
+
+
+def test_codistillation_pulls_components_together() -> None:
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(4, 128, generator=g, dtype=torch.float64).requires_grad_(True)
+    penalty_value("codistillation", z).backward()
+    with torch.no_grad():
+        stepped = z - 0.5 * z.grad / z.grad.norm()
+    spread = lambda x: (torch.sigmoid(x) - torch.sigmoid(x).mean(0)).square().mean().item()  # noqa: E731
+    assert spread(stepped) < spread(z)

@@ -1,0 +1,109 @@
+"""The linear reference: logistic regression on one-hot categoricals + dense features.
+
+Convex, fitted by L-BFGS to convergence, it retrains to the same predictions (PD ≈ 0). It serves twice:
+as an experiment arm (the reproducible reference a deep ensemble has to beat) and as the frozen
+*anchor* of an anchored ensemble (z_k = z_anchor(x) + h_k(x)), so that only the residual h_k varies
+between retrainings. ``C`` (inverse L2 strength) is chosen on the validation split from a grid when
+not given; every fit records its iterations and whether L-BFGS converged.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+from scipy import sparse
+
+from ctr_ad import metrics as M
+
+logger = logging.getLogger(__name__)
+
+C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
+
+
+def one_hot(frame: pl.DataFrame, features: Any) -> sparse.csr_matrix:
+    """CSR matrix [one-hot of every categorical index ‖ dense features] of a model-ready frame."""
+    cat_cols, dense_cols = features.categorical_columns, features.dense_columns
+    n = frame.height
+    offsets = np.concatenate([[0], np.cumsum(features.cardinalities)]).astype(np.int64)
+    cat = frame.select(cat_cols).to_numpy().astype(np.int64) + offsets[:-1]
+    dense = frame.select(dense_cols).to_numpy().astype(np.float64) if dense_cols else np.zeros((n, 0))
+    n_cat = int(offsets[-1])
+    dense_idx = np.broadcast_to(n_cat + np.arange(dense.shape[1]), (n, dense.shape[1]))
+    cols = np.concatenate([cat, dense_idx], axis=1)
+    vals = np.concatenate([np.ones_like(cat, dtype=np.float64), dense], axis=1)
+    indptr = np.arange(0, n * cols.shape[1] + 1, cols.shape[1])
+    return sparse.csr_matrix((vals.ravel(), cols.ravel(), indptr), shape=(n, n_cat + dense.shape[1]))
+
+
+@dataclass
+class LinearFit:
+    """A fitted logistic regression: z = intercept + Σ_f cat_weight[offset_f + i_f] + dense · dense_weight."""
+
+    C: float
+    intercept: float
+    cat_weight: np.ndarray  # [Σ cardinalities]
+    dense_weight: np.ndarray  # [D]
+    iterations: int
+    converged: bool
+    valid_logloss: float | None = None
+    c_search: list[dict[str, float]] = field(default_factory=list)
+
+    def decision(self, x: sparse.csr_matrix) -> np.ndarray:
+        coef = np.concatenate([self.cat_weight, self.dense_weight])
+        return np.asarray(x @ coef + self.intercept, dtype=np.float64)
+
+    def record(self) -> dict[str, Any]:
+        """What a run stores about the fit (no arrays)."""
+        out = asdict(self)
+        out.pop("cat_weight")
+        out.pop("dense_weight")
+        return out
+
+
+def fit_logreg(x: sparse.csr_matrix, y: np.ndarray, C: float, max_iter: int = 1000) -> LinearFit:
+    from sklearn.exceptions import ConvergenceWarning
+    from sklearn.linear_model import LogisticRegression
+
+    model = LogisticRegression(C=C, max_iter=max_iter, solver="lbfgs", tol=1e-6)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        model.fit(x, y)
+    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
+    # cat_weight holds every coefficient until _split_weights separates the dense ones.
+    return LinearFit(C=C, intercept=float(model.intercept_[0]), cat_weight=model.coef_.ravel(),
+                     dense_weight=np.zeros(0),
+                     iterations=int(model.n_iter_[0]), converged=converged)
+
+
+def _split_weights(fit: LinearFit, n_cat: int) -> LinearFit:
+    coef = fit.cat_weight
+    fit.cat_weight, fit.dense_weight = coef[:n_cat].astype(np.float32), coef[n_cat:].astype(np.float32)
+    return fit
+
+
+def fit_linear(train: pl.DataFrame, valid: pl.DataFrame | None, features: Any, C: float | None,
+               max_iter: int = 1000) -> LinearFit:
+    """Fit on ``train``; with ``C`` None choose it from :data:`C_GRID` by validation logloss."""
+    n_cat = int(sum(features.cardinalities))
+    x, y = one_hot(train, features), train["label"].to_numpy()
+    if C is not None or valid is None or valid.height == 0:
+        return _split_weights(fit_logreg(x, y, C if C is not None else 1.0, max_iter), n_cat)
+    xv, yv = one_hot(valid, features), valid["label"].to_numpy()
+    search, best = [], None
+    for c in C_GRID:
+        fit = fit_logreg(x, y, c, max_iter)
+        loss = M.logloss(yv, 1.0 / (1.0 + np.exp(-fit.decision(xv))))
+        search.append({"C": c, "valid_logloss": loss, "converged": fit.converged})
+        if best is None or loss < best[0]:
+            best = (loss, fit)
+    assert best is not None
+    chosen = _split_weights(best[1], n_cat)
+    chosen.valid_logloss, chosen.c_search = best[0], search
+    logger.info(f"linear model: C={chosen.C:g} chosen on validation (logloss {best[0]:.5f}), "
+                f"{chosen.iterations} iterations, converged={chosen.converged}")
+    return chosen

@@ -1,0 +1,118 @@
+"""The reproducibility levers of the trainer: weight averaging, the linear anchor, no best-step
+selection, the penalty's dropout-free pass, its λ = 0 control and the gradient-ratio λ scale."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+import torch
+from helpers_train import ingested_8k, small_config
+
+from ctr_ad import bundle as bundle_mod
+from ctr_ad.averaging import WeightAverager
+from ctr_ad.features import FeatureProcessor
+from ctr_ad.linear import fit_linear, one_hot
+from ctr_ad.model import EnsembleCTR
+from ctr_ad.train import train
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return ingested_8k(tmp_path_factory)
+
+
+def test_weight_averager_is_the_ema_with_warmup_and_swaps_back() -> None:
+    model = EnsembleCTR([5, 3], 2, components=2, embedding_dim=2, mlp=[3])
+    avg = WeightAverager(model, horizon_epochs=1.0, steps_per_epoch=4)  # decay 0.75
+    w = model.weights[0]
+    start = w.detach().clone()
+    expected = start.clone()
+    for t in range(3):
+        with torch.no_grad():
+            w.add_(1.0)
+        avg.update()
+        decay = min(0.75, (1 + t) / (10 + t))
+        expected = decay * expected + (1 - decay) * w.detach()
+    assert torch.allclose(avg.averaged["weights.0"], expected)
+    current = w.detach().clone()
+    with avg.swapped_in():
+        assert torch.allclose(model.weights[0], expected)
+    assert torch.equal(model.weights[0], current)
+
+
+def test_averaged_training_is_deterministic_and_bundles_the_average(data_dir: Path, tmp_path: Path) -> None:
+    cfg = small_config(train__weight_averaging_epochs=1.0)
+    a = train(data_dir, cfg, tmp_path / "a", deterministic=True, log=False)
+    train(data_dir, cfg, tmp_path / "b", deterministic=True, log=False)
+    wa = (tmp_path / "a" / "bundle" / "model.safetensors").read_bytes()
+    assert wa == (tmp_path / "b" / "bundle" / "model.safetensors").read_bytes()
+    plain = train(data_dir, small_config(), tmp_path / "plain", deterministic=True, log=False)
+    assert wa != (tmp_path / "plain" / "bundle" / "model.safetensors").read_bytes()
+    assert a.test is not None and a.test_metrics is not None
+    assert abs(a.test_metrics["logloss"] - plain.test_metrics["logloss"]) < 0.02  # averaging costs no accuracy
+
+
+def test_no_best_step_selection_keeps_the_final_weights(data_dir: Path, tmp_path: Path) -> None:
+    result = train(data_dir, small_config(train__best_step_selection="none", train__epochs=3), tmp_path / "r",
+                   log=False)
+    assert result.best_step == result.steps
+    last = json.loads((tmp_path / "r" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert result.valid_metrics["logloss"] == pytest.approx(last["valid_logloss"])
+
+
+def test_anchor_is_the_converged_linear_model_and_survives_the_bundle(data_dir: Path, tmp_path: Path) -> None:
+    cfg = small_config(model__anchor="logreg", model__anchor_C=0.03)
+    result = train(data_dir, cfg, tmp_path / "r", log=False)
+    record = json.loads((tmp_path / "r" / "anchor.json").read_text())
+    assert record["converged"] and record["C"] == 0.03
+    features = FeatureProcessor.load(data_dir / "features.json")
+    valid = pl.read_parquet(data_dir / "valid.parquet")
+    fit = fit_linear(pl.read_parquet(data_dir / "train.parquet"), None, features, 0.03)
+    cat = torch.from_numpy(valid.select(features.categorical_columns).to_numpy().astype(np.int64))
+    dense = torch.from_numpy(valid.select(features.dense_columns).to_numpy().astype(np.float32))
+    z_anchor = result.model.anchor_logit(cat, dense).numpy()
+    assert np.allclose(z_anchor, fit.decision(one_hot(valid, features)), atol=1e-4)
+    loaded = bundle_mod.load(tmp_path / "r")
+    assert loaded.model.anchored and torch.equal(loaded.model.anchor_cat, result.model.anchor_cat)
+    # The anchor is a buffer: the optimizers never move it.
+    assert all(p is not result.model.anchor_cat for p in result.model.parameters())
+
+
+def test_auto_anchor_chooses_C_on_validation(data_dir: Path, tmp_path: Path) -> None:
+    train(data_dir, small_config(model__anchor="logreg", train__epochs=1), tmp_path / "r", log=False)
+    record = json.loads((tmp_path / "r" / "anchor.json").read_text())
+    losses = {row["C"]: row["valid_logloss"] for row in record["c_search"]}
+    assert record["C"] == min(losses, key=losses.get) and len(losses) >= 4
+
+
+def test_penalty_control_arm_and_gradient_ratio_scale(data_dir: Path, tmp_path: Path) -> None:
+    control = small_config(anti_distillation__data_order="independent", anti_distillation__forward_penalty_batch=True,
+                           anti_distillation__penalty_batch_size=128)
+    plain = small_config(anti_distillation__data_order="independent")
+    a = train(data_dir, control, tmp_path / "control", deterministic=True, log=False)
+    b = train(data_dir, plain, tmp_path / "plain", deterministic=True, log=False)
+    # The shared rows are forwarded (SparseAdam then touches their embeddings), the penalty is 0.
+    metrics = [json.loads(x) for x in (tmp_path / "control" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["train_penalty"] == 0.0 for m in metrics)
+    assert not torch.equal(a.model.embedding.weight, b.model.embedding.weight)
+    ratio = small_config(anti_distillation__data_order="independent", anti_distillation__penalty="kernel_repulsion",
+                         anti_distillation__lambda=0.1, anti_distillation__lambda_scale="gradient_ratio",
+                         anti_distillation__penalty_batch_size=128)
+    r = train(data_dir, ratio, tmp_path / "ratio", log=False)
+    assert r.test_metrics is not None and np.isfinite(r.test_metrics["logloss"])
+    metrics = [json.loads(x) for x in (tmp_path / "ratio" / "metrics.jsonl").read_text().splitlines()]
+    assert all(m["train_penalty"] > 0 for m in metrics)
+
+
+def test_penalty_pass_has_no_dropout() -> None:
+    model = EnsembleCTR([5, 3], 0, components=2, embedding_dim=2, mlp=[16], dropout=0.5)
+    model.train()
+    cat = torch.tensor([[1, 2], [3, 0], [4, 1]])
+    dense = torch.zeros(3, 0)
+    a, b = model(cat, dense, dropout=False), model(cat, dense, dropout=False)
+    assert torch.equal(a, b)  # deterministic: no dropout mask was drawn
+    assert not torch.equal(model(cat, dense), model(cat, dense))

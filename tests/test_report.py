@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import base64
+import json
 import math
+import os
+import shutil
 import subprocess
+from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 
 from ctr_ad.experiment import load_experiment_config, run_experiment
@@ -87,24 +92,60 @@ def test_every_image_is_an_embedded_png_and_every_cell_is_filled(report: Path) -
     assert "| arm | role |" in md and "nan" not in md.lower().split()
 
 
-@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="no /usr/bin/chromium")
+def _chromium() -> str:
+    """The browser; in CI (CI=true, where .ci/run installs it) a missing one fails instead of skipping."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("CI is set but there is no chromium on PATH: .ci/run must install it")
+        pytest.skip("no chromium on PATH (.ci/run installs it in CI)")
+    return path
+
+
+def _headless(browser: str, *args: str) -> subprocess.CompletedProcess:
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,2000", *args]
+    return subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+
+
+class _Text(HTMLParser):
+    """The text a reader sees (tags stripped, whitespace collapsed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+
+    def handle_data(self, data: str) -> None:
+        self.parts.append(data)
+
+    def text(self) -> str:
+        return " ".join("".join(self.parts).split())
+
+
 def test_chromium_renders_the_report(report: Path, tmp_path: Path) -> None:
-    shot = tmp_path / "shot.png"
-    subprocess.run(
-        [
-            "/usr/bin/chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            f"--screenshot={shot}",
-            "--window-size=1400,2000",
-            report.as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    assert shot.read_bytes().startswith(PNG_MAGIC)
+    from matplotlib.image import imread
+
+    browser = _chromium()
+    results = json.loads((report.parent / "results.json").read_text())
+    # What the browser loaded: an error page or an empty document has none of the report's sentences.
+    dom = _Text()
+    dom.feed(_headless(browser, "--dump-dom", report.as_uri()).stdout.decode())
+    text = dom.text()
+    assert f"Best arm: {results['best']} —" in text, text[:500]
+    v = verdict(results)
+    assert v, "the tiny experiment has an anti-distillation arm and a baseline"
+    assert f"Goal (pd_rel ≤ 0.7 × with logloss ≤ 1.003 ×): {'met' if v['met'] else 'not met'}" in text
+    for arm in results["arms"]:
+        assert arm in text, arm
+    # What it painted: compared with a blank page shot the same way, and with colour (charts, highlighted rows).
+    shots = {}
+    for name, url in (("report", report.as_uri()), ("blank", "about:blank")):
+        shots[name] = tmp_path / f"{name}.png"
+        _headless(browser, f"--screenshot={shots[name]}", url)
+        assert shots[name].read_bytes().startswith(PNG_MAGIC)
+    page, blank = (imread(shots[n])[..., :3] for n in ("report", "blank"))
+    assert page.shape == blank.shape == (2000, 1400, 3)
+    assert (np.abs(page - blank).max(axis=-1) > 0.05).mean() > 0.02, "the page looks blank"
+    assert ((page.max(axis=-1) - page.min(axis=-1)) > 0.25).mean() > 0.002, "no colour: charts not drawn"
 
 
 def test_pareto_front() -> None:
@@ -132,7 +173,18 @@ def test_frequency_buckets(report: Path) -> None:
     data_dir = report.parent.parent / "data"
     buckets, labels = frequency_buckets(data_dir)
     assert len(labels) == 5 and buckets.min() >= 0 and buckets.max() < 5
-    assert np.bincount(buckets).sum() == len(buckets) and not math.isnan(float(buckets.mean()))
+    # A row-by-row reference: the train count of the row's rarest categorical value (1 = OOV counts 0, 0 = missing
+    # is ignored), bucketed OOV, < 10, 10–99, 100–999, ≥ 1000.
+    train, test = (pl.read_parquet(data_dir / f"{s}.parquet") for s in ("train", "test"))
+    cats = [c for c in train.columns if c.startswith("C")]
+    counts = {c: Counter(train[c].to_list()) for c in cats}
+    want = []
+    for row in test.select(cats).iter_rows():
+        seen = [0 if v == 1 else counts[c][v] for c, v in zip(cats, row, strict=True) if v != 0]
+        rarest = min(seen, default=math.inf)
+        want.append(0 if rarest == 0 else 1 + sum(rarest >= edge for edge in (10, 100, 1000)))
+    assert buckets.tolist() == want
+    assert len(set(want)) >= 3  # the sample exercises several buckets
 
 
 def test_report_command_needs_results(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ without a network or a real virtual environment.
 from __future__ import annotations
 
 import json
+import shlex
 import shutil
 import subprocess
 import sys
@@ -63,3 +64,17 @@ def test_torch_spec_with_an_index_option_reaches_pip_as_separate_arguments(tmp_p
     assert torch_calls == [
         ["-m", "pip", "install", "-q", "torch==2.13.0", "--index-url", "https://example.invalid/simple"]
     ]
+
+
+def test_make_test_prints_the_slowest_tests(tmp_path: Path) -> None:
+    # CI runs `make test`: its output must carry the per-test durations (issue: keep the suite under 15 min).
+    venv = tmp_path / "venv"
+    venv.mkdir()
+    (venv / ".installed").touch()  # newer than pyproject.toml: make does not rebuild it
+    proc = subprocess.run(
+        ["make", "-C", str(REPO), "-n", "test", f"VENV={venv}"], capture_output=True, text=True, timeout=60
+    )
+    assert proc.returncode == 0, proc.stderr
+    pytest_lines = [shlex.split(line) for line in proc.stdout.splitlines() if " -m pytest " in line]
+    assert len(pytest_lines) == 1
+    assert pytest_lines[0][:3] == [f"{venv}/bin/python", "-m", "pytest"] and "--durations=15" in pytest_lines[0]

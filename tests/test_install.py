@@ -8,6 +8,7 @@ without a network or a real virtual environment.
 from __future__ import annotations
 
 import json
+import os
 import shlex
 import shutil
 import subprocess
@@ -17,6 +18,8 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# The Makefile's variables come from the command line only, whatever the caller's environment holds.
+MAKE_ENV = {k: v for k, v in os.environ.items() if k not in ("TORCH_SPEC", "VENV", "PYTHON", "MAKEFLAGS", "MFLAGS")}
 pytestmark = pytest.mark.skipif(shutil.which("make") is None, reason="no make")
 
 STAND_IN = """#!{python}
@@ -42,6 +45,7 @@ def make_venv(tmp_path: Path, *overrides: str) -> list[list[str]]:
         capture_output=True,
         text=True,
         timeout=60,
+        env=MAKE_ENV,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert (venv / ".installed").is_file()
@@ -72,7 +76,11 @@ def test_make_test_prints_the_slowest_tests(tmp_path: Path) -> None:
     venv.mkdir()
     (venv / ".installed").touch()  # newer than pyproject.toml: make does not rebuild it
     proc = subprocess.run(
-        ["make", "-C", str(REPO), "-n", "test", f"VENV={venv}"], capture_output=True, text=True, timeout=60
+        ["make", "-C", str(REPO), "-n", "test", f"VENV={venv}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=MAKE_ENV,
     )
     assert proc.returncode == 0, proc.stderr
     pytest_lines = [shlex.split(line) for line in proc.stdout.splitlines() if " -m pytest " in line]

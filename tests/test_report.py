@@ -187,6 +187,21 @@ def test_frequency_buckets(report: Path) -> None:
     assert len(set(want)) >= 3  # the sample exercises several buckets
 
 
+def test_frequency_bucket_edges(tmp_path: Path) -> None:
+    # One categorical column whose values 2..7 occur exactly 9, 10, 99, 100, 999 and 1000 times in train.
+    counts = {2: 9, 3: 10, 4: 99, 5: 100, 6: 999, 7: 1000}
+    values = [v for v, n in counts.items() for _ in range(n)]
+    pl.DataFrame(
+        {"label": [0.0] * len(values), "C1": values}, schema={"label": pl.Float32, "C1": pl.Int32}
+    ).write_parquet(tmp_path / "train.parquet")
+    (tmp_path / "features.json").write_text(json.dumps({"min_count": 1}))
+    test = pl.DataFrame(
+        {"label": [0.0] * 8, "C1": [2, 3, 4, 5, 6, 7, 1, 0]}, schema={"label": pl.Float32, "C1": pl.Int32}
+    )
+    buckets, _ = frequency_buckets(tmp_path, test)
+    assert buckets.tolist() == [1, 2, 2, 3, 3, 4, 0, 4]  # 1 = out of vocabulary; 0 = missing is not rare
+
+
 def test_report_command_needs_results(tmp_path: Path) -> None:
     from ctr_ad.cli import main
 

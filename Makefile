@@ -2,7 +2,8 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# The CPU build of torch; override e.g. TORCH_SPEC='torch==2.13.0' --index-url ... for a CUDA host.
+# The CPU build of torch; override e.g. TORCH_SPEC='torch==2.13.0 --index-url URL' for a CUDA host. Left unquoted in
+# the recipe so that the shell splits it: pip gets the requirement and each option as separate arguments.
 TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: venv demo test lint bench bench-ingest bench-train bench-serve clean
@@ -10,7 +11,7 @@ TORCH_SPEC ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(TORCH_SPEC)
 	$(PY) -m pip install -q -e ".[dev,bench]"
 	touch $@
 
@@ -21,7 +22,7 @@ demo: venv
 
 test: venv
 	$(VENV)/bin/ruff check .
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 lint: venv
 	$(VENV)/bin/ruff check .

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -83,8 +84,12 @@ def test_results_cover_every_arm_with_mean_and_std(experiment: tuple[Path, dict]
             assert arm["accuracy"][key]["n"] == 2 and math.isfinite(arm["accuracy"][key]["mean"])
         for key in ("pd_abs", "pd_rel", "pd_rms", "pd_max", "pd_q99", "churn_top1", "churn_top10", "spearman"):
             assert arm["pd"][key]["n"] == 1  # one pair of two replicas
-        assert arm["wall_s"]["mean"] > 0
-        assert "seed_init" not in arm["config"].get("train", {})
+        assert arm["wall_s"]["n"] == 2 and arm["wall_s"]["mean"] > 0
+        # the arm's config is the replicas' config less their seeds
+        seeded = arm["config"]["train"] if arm["kind"] == "model" else arm["config"]
+        assert seeded and not {"seed", "seed_init", "seed_data"} & seeded.keys()
+    # replicas run one after another: their wall times add up to no more than the whole run's
+    assert sum(a["wall_s"]["mean"] * a["wall_s"]["n"] for a in arms.values()) <= results["run"]["wall_s"]
     assert arms["plain-shared"]["config"]["model"]["components"] == 2
     assert arms["ad-output_decorrelation-l0.3-indep"]["config"]["anti_distillation"]["lambda"] == 0.3
     assert arms["logreg"]["pd"]["pd_rel"]["mean"] < 1e-3  # a convex model retrains to the same predictions
@@ -107,7 +112,7 @@ def test_predictions_saved_per_replica(experiment: tuple[Path, dict], data_dir: 
     assert not np.array_equal(a, frame["p"].to_numpy())  # replicas differ in their seeds
 
 
-def test_rerun_skips_finished_replicas_and_redoes_changed_ones(
+def test_rerun_skips_finished_replicas(
     experiment: tuple[Path, dict], data_dir: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     exp_dir, first = experiment
@@ -117,12 +122,34 @@ def test_rerun_skips_finished_replicas_and_redoes_changed_ones(
     assert again["run"]["trained"] == 0 and again["run"]["skipped"] == 10
     assert again["arms"]["plain-shared"]["pd"] == first["arms"]["plain-shared"]["pd"]
     assert any("skipped (done)" in m for m in messages)
-    # a partial replica (no done marker) and a changed arm are trained again
-    (exp_dir / "arms" / "single" / "r1" / "done.json").unlink()
+
+
+def test_rerun_trains_again_a_replica_without_its_done_marker(
+    experiment: tuple[Path, dict], data_dir: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    exp_dir = shutil.copytree(experiment[0], tmp_path / "exp")  # the module's experiment stays as it was
+    (exp_dir / "arms" / "single" / "r1" / "done.json").unlink()  # same config: only the marker is gone
+    caplog.set_level("INFO", logger="ctr_ad")
+    cfg = load_experiment_config(tiny_config())
+    again = run_experiment(data_dir, cfg, exp_dir, only=["single"])
+    messages = caplog.messages
+    assert (again["run"]["trained"], again["run"]["skipped"]) == (1, 1)
+    assert any("replica 1/2 skipped (done)" in m for m in messages)
+    assert not any("replica 2/2 skipped" in m for m in messages)
+    assert (exp_dir / "arms" / "single" / "r1" / "done.json").is_file()
+
+
+def test_rerun_trains_again_every_replica_of_a_changed_arm(
+    experiment: tuple[Path, dict], data_dir: Path, tmp_path: Path
+) -> None:
+    exp_dir = shutil.copytree(experiment[0], tmp_path / "exp")
     changed = tiny_config()
-    changed["arms"][0]["set"] = {"model.components": 1, "train.lr": 0.002}
+    changed["arms"][0]["set"] = {"model.components": 1, "train.lr": 0.002}  # every done marker is still there
     again = run_experiment(data_dir, load_experiment_config(changed), exp_dir, only=["single"])
-    assert again["run"]["trained"] == 2
+    assert (again["run"]["trained"], again["run"]["skipped"]) == (2, 0)
+    for r in range(2):
+        done = json.loads((exp_dir / "arms" / "single" / f"r{r}" / "done.json").read_text())
+        assert done["config"]["train"]["lr"] == 0.002
 
 
 def test_best_arm_rule() -> None:

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import base64
+import json
 import math
+import os
+import shutil
 import subprocess
+from collections import Counter
 from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 import pytest
 
 from ctr_ad.experiment import decide_verdict, load_experiment_config, run_experiment
@@ -87,24 +92,64 @@ def test_every_image_is_an_embedded_png_and_every_cell_is_filled(report: Path) -
     assert "| arm | role |" in md and "nan" not in md.lower().split()
 
 
-@pytest.mark.skipif(not Path("/usr/bin/chromium").exists(), reason="no /usr/bin/chromium")
+def _chromium() -> str:
+    """The browser; in CI (CI=true, where .ci/run installs it) a missing one fails instead of skipping."""
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        if os.environ.get("CI", "").lower() in ("1", "true", "yes"):
+            pytest.fail("CI is set but there is no chromium on PATH: .ci/run must install it")
+        pytest.skip("no chromium on PATH (.ci/run installs it in CI)")
+    return path
+
+
+def _headless(browser: str, *args: str) -> subprocess.CompletedProcess:
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--window-size=1400,2000", *args]
+    return subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+
+
+class _Text(HTMLParser):
+    """The text a reader sees (tags stripped, whitespace collapsed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.parts: list[str] = []
+
+    def handle_data(self, data: str) -> None:
+        self.parts.append(data)
+
+    def text(self) -> str:
+        return " ".join("".join(self.parts).split())
+
+
 def test_chromium_renders_the_report(report: Path, tmp_path: Path) -> None:
-    shot = tmp_path / "shot.png"
-    subprocess.run(
-        [
-            "/usr/bin/chromium",
-            "--headless",
-            "--no-sandbox",
-            "--disable-gpu",
-            f"--screenshot={shot}",
-            "--window-size=1400,2000",
-            report.as_uri(),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=120,
-    )
-    assert shot.read_bytes().startswith(PNG_MAGIC)
+    from matplotlib.image import imread
+
+    browser = _chromium()
+    results = json.loads((report.parent / "results.json").read_text())
+    # What the browser loaded: an error page or an empty document has none of the report's sentences.
+    dom = _Text()
+    dom.feed(_headless(browser, "--dump-dom", report.as_uri()).stdout.decode())
+    text = dom.text()
+    assert f"Best arm: {results['best']} —" in text, text[:500]
+    v = results["verdict"]
+    assert v["baseline_arm"], "the tiny experiment has a plain ensemble as baseline"
+    if v["ad_arm"]:
+        goal = f"Goal (pd_rel ≤ {v['pd_rel_goal']:g} × with logloss ≤ {1 + v['logloss_tolerance']:g} ×)"
+        assert f"{goal}: {'met' if v['ad_goal_met'] else 'not met'}" in text
+    else:
+        assert "No anti-distillation arm is within the logloss tolerance of the baseline." in text
+    for arm in results["arms"]:
+        assert arm in text, arm
+    # What it painted: compared with a blank page shot the same way, and with colour (charts, highlighted rows).
+    shots = {}
+    for name, url in (("report", report.as_uri()), ("blank", "about:blank")):
+        shots[name] = tmp_path / f"{name}.png"
+        _headless(browser, f"--screenshot={shots[name]}", url)
+        assert shots[name].read_bytes().startswith(PNG_MAGIC)
+    page, blank = (imread(shots[n])[..., :3] for n in ("report", "blank"))
+    assert page.shape == blank.shape == (2000, 1400, 3)
+    assert (np.abs(page - blank).max(axis=-1) > 0.05).mean() > 0.02, "the page looks blank"
+    assert ((page.max(axis=-1) - page.min(axis=-1)) > 0.25).mean() > 0.002, "no colour: charts not drawn"
 
 
 def test_pareto_front() -> None:
@@ -141,7 +186,33 @@ def test_frequency_buckets(report: Path) -> None:
     data_dir = report.parent.parent / "data"
     buckets, labels = frequency_buckets(data_dir)
     assert len(labels) == 5 and buckets.min() >= 0 and buckets.max() < 5
-    assert np.bincount(buckets).sum() == len(buckets) and not math.isnan(float(buckets.mean()))
+    # A row-by-row reference: the train count of the row's rarest categorical value (1 = OOV counts 0, 0 = missing
+    # is ignored), bucketed OOV, < 10, 10–99, 100–999, ≥ 1000.
+    train, test = (pl.read_parquet(data_dir / f"{s}.parquet") for s in ("train", "test"))
+    cats = [c for c in train.columns if c.startswith("C")]
+    counts = {c: Counter(train[c].to_list()) for c in cats}
+    want = []
+    for row in test.select(cats).iter_rows():
+        seen = [0 if v == 1 else counts[c][v] for c, v in zip(cats, row, strict=True) if v != 0]
+        rarest = min(seen, default=math.inf)
+        want.append(0 if rarest == 0 else 1 + sum(rarest >= edge for edge in (10, 100, 1000)))
+    assert buckets.tolist() == want
+    assert len(set(want)) >= 3  # the sample exercises several buckets
+
+
+def test_frequency_bucket_edges(tmp_path: Path) -> None:
+    # One categorical column whose values 2..7 occur exactly 9, 10, 99, 100, 999 and 1000 times in train.
+    counts = {2: 9, 3: 10, 4: 99, 5: 100, 6: 999, 7: 1000}
+    values = [v for v, n in counts.items() for _ in range(n)]
+    pl.DataFrame(
+        {"label": [0.0] * len(values), "C1": values}, schema={"label": pl.Float32, "C1": pl.Int32}
+    ).write_parquet(tmp_path / "train.parquet")
+    (tmp_path / "features.json").write_text(json.dumps({"min_count": 1}))
+    test = pl.DataFrame(
+        {"label": [0.0] * 8, "C1": [2, 3, 4, 5, 6, 7, 1, 0]}, schema={"label": pl.Float32, "C1": pl.Int32}
+    )
+    buckets, _ = frequency_buckets(tmp_path, test)
+    assert buckets.tolist() == [1, 2, 2, 3, 3, 4, 0, 4]  # 1 = out of vocabulary; 0 = missing is not rare
 
 
 def test_report_command_needs_results(tmp_path: Path) -> None:

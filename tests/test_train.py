@@ -274,13 +274,15 @@ def test_memory_plan_visits_every_row_once_and_shards_cover_the_batch(independen
         assert batches[0].penalty is not None and batches[0].penalty.dense.shape == (8, 1)
     # Resuming at step 4 regenerates the same remaining batches.
     rest = list(plan.batches(epoch=0, start_step=4))
-    assert all(torch.equal(x.dense, y.dense) for x, y in zip(rest, batches[4:]))
+    assert len(rest) == len(batches) - 4 == 7
+    assert all(torch.equal(x.dense, y.dense) for x, y in zip(rest, batches[4:], strict=True))
     # Two DDP ranks take complementary shards of every global batch.
     shards = [
         list(MemoryBatches(id_data(n), PlanSpec(10, k, independent, 8, 5, rank=r, world=2)).batches(0))
         for r in range(2)
     ]
-    for full, a, b in zip(batches, *shards):
+    assert [len(s) for s in shards] == [len(batches)] * 2
+    for full, a, b in zip(batches, *shards, strict=True):
         assert torch.equal(torch.cat([a.dense, b.dense], dim=-2), full.dense)
         assert a.global_rows == full.global_rows
 

@@ -53,22 +53,38 @@ class DatasetManifest(_Document):
 
 
 class Verdict(_Document):
-    """The experiment's answer: the chosen arm against the honest baseline."""
+    """The experiment's answer, chosen on validation rows and stated on test rows.
 
-    best_arm: str | None = Field(description="lowest pd_rel among deep arms within the logloss tolerance")
+    The recipe arm (lowest validation pd_rel among deep arms within the logloss tolerance of the
+    baseline on validation) and the best anti-distillation arm are compared with the baseline (the most
+    reproducible plain ensemble within the same tolerance); with a confirmation round every ratio is
+    taken on the test rows of R *fresh* replicas of the three arms, with a bootstrap interval over test
+    rows and replica pairs, and ``call`` says *better*, *worse* or *not distinguishable*.
+    """
+
+    recipe_arm: str | None = Field(description="the arm chosen on validation (the report's best arm)")
     baseline_arm: str | None = Field(description="the plain ensemble every ratio is taken against")
     rule: str
+    selection: str = "validation"
     logloss_tolerance: float
-    pd_rel_goal: float = Field(description="goal: pd_rel ratio at most this")
+    pd_rel_goal: float = Field(description="goal: pd_rel ratio at most this at logloss ratio ≤ 1 + tolerance")
+    confirmed: bool = Field(False, description="the ratios come from a confirmation round with fresh seeds")
+    confirm_replicas: int | None = None
     pd_rel_ratio: float | None = None
+    pd_rel_ratio_ci: list[float] | None = Field(None, description="95 % bootstrap interval [low, high]")
     logloss_ratio: float | None = None
-    within_noise: bool | None = None
+    call: str | None = Field(None, description="better | worse | not distinguishable")
     goal_met: bool = False
     ad_arm: str | None = Field(None, description="the best anti-distillation arm, reported separately")
     ad_pd_rel_ratio: float | None = None
+    ad_pd_rel_ratio_ci: list[float] | None = None
     ad_logloss_ratio: float | None = None
-    ad_within_noise: bool | None = None
+    ad_call: str | None = None
     ad_goal_met: bool = False
+
+    @property
+    def best_arm(self) -> str | None:
+        return self.recipe_arm
 
 
 class OfflineMetrics(_Document):

@@ -43,7 +43,6 @@ import platform
 import shutil
 import sys
 import time
-import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -54,12 +53,13 @@ import yaml
 from pydantic import Field, field_validator, model_validator
 
 from ctr_ad import metrics as M
-from ctr_ad.artifacts import Verdict, data_fingerprint, write_document
+from ctr_ad.artifacts import data_fingerprint, write_document
 from ctr_ad.config import set_dotted
 from ctr_ad.dataset import verify_data_dir
 from ctr_ad.errors import UserError
 from ctr_ad.files import atomic_write_with, utc_timestamp
 from ctr_ad.layout import DataDir, ExperimentDir
+from ctr_ad.protocol import AD_ROLE, decide_verdict
 from ctr_ad.strict import StrictModel, load_yaml_mapping, validate_model
 
 logger = logging.getLogger(__name__)
@@ -67,7 +67,6 @@ logger = logging.getLogger(__name__)
 RESULTS = "results.json"
 DONE = "done.json"
 PREDICTIONS = "predictions.parquet"
-AD_ROLE = "anti_distillation"
 
 
 # --------------------------------------------------------------------------------------------- config
@@ -75,8 +74,9 @@ class ArmSpec(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
     kind: Literal["model", "logreg"] = "model"
     set: dict[str, Any] = Field(default_factory=dict, description="dotted training-config overrides")
-    C: float = Field(1.0, gt=0.0, description="logreg: inverse L2 strength")
-    max_iter: int = Field(300, ge=1, description="logreg: L-BFGS iterations")
+    C: float | None = Field(None, gt=0.0, description="logreg: inverse L2 strength (None: chosen on validation)")
+    max_iter: int = Field(1000, ge=1, description="logreg: L-BFGS iterations")
+    seed_offset: int = Field(0, ge=0, description="added to every replica's seed (fresh seeds of a confirmation)")
 
 
 class GridSpec(StrictModel):
@@ -121,6 +121,9 @@ class ExperimentConfig(StrictModel):
     top_fractions: list[float] = Field(default_factory=lambda: list(M.DEFAULT_TOP_FRACTIONS))
     logloss_tolerance: float = Field(0.003, ge=0.0)
     pd_rel_goal: float = Field(0.5, gt=0.0, description="goal: pd_rel at most this × the baseline's")
+    confirm: bool = Field(True, description="retrain the chosen arms and the baseline with fresh seeds")
+    confirm_replicas: int | None = Field(None, ge=2, description="replicas of the confirmation round (None = replicas)")
+    workers: int | None = Field(None, ge=1, description="replicas trained at once, one torch thread each (None = CPUs)")
     arms: list[ArmSpec] = Field(default_factory=list)
     grids: list[GridSpec] = Field(default_factory=list)
 
@@ -176,7 +179,7 @@ def arm_training_config(cfg: ExperimentConfig, arm: ArmSpec, replica: int) -> An
     assert isinstance(cfg.training, dict)
     data = set_dotted(copy.deepcopy(cfg.training), cfg.set)
     set_dotted(data, arm.set)
-    seed = cfg.seed + replica
+    seed = cfg.seed + arm.seed_offset + replica
     set_dotted(data, {"train.seed_init": seed, "train.seed_data": seed, "train.progress": False})
     return Config.from_dict(data, origin=f"arm {arm.name}")
 
@@ -198,7 +201,7 @@ def _hash(obj: Any) -> str:
 # --------------------------------------------------------------------------------------------- replicas
 def _replica_config(cfg: ExperimentConfig, arm: ArmSpec, replica: int) -> dict[str, Any]:
     if arm.kind == "logreg":
-        return {"kind": "logreg", "C": arm.C, "max_iter": arm.max_iter, "seed": cfg.seed + replica}
+        return {"kind": "logreg", "C": arm.C, "max_iter": arm.max_iter, "seed": cfg.seed + arm.seed_offset + replica}
     return arm_training_config(cfg, arm, replica).to_dict()
 
 
@@ -212,56 +215,37 @@ def _load_test(data_dir: Path) -> tuple[pl.DataFrame, Any]:
     return pl.read_parquet(test_path), features
 
 
-def _train_model_replica(data_dir: Path, config: dict[str, Any], run_dir: Path, device: str | None) -> np.ndarray:
-    """Train one replica; return its test logits [K, N] (from the best evaluation's weights)."""
+def _train_model_replica(
+    data_dir: Path, config: dict[str, Any], run_dir: Path, device: str | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Train one replica; return its (test, validation) logits [K, N] from the weights it keeps."""
     from ctr_ad.config import Config
     from ctr_ad.train import train
 
     result = train(data_dir, Config.from_dict(config), run_dir, device=device, progress=False, log=False)
-    assert result.test is not None  # run_experiment checked that the split exists
-    return result.test.logits
+    assert result.test is not None and result.valid is not None  # run_experiment checked the splits
+    return result.test.logits, result.valid.logits
 
 
-def _one_hot(frame: pl.DataFrame, features: Any) -> Any:
-    """CSR matrix [one-hot of every categorical index ‖ dense features] of a model-ready frame."""
-    from scipy import sparse
-
-    cat_cols, dense_cols = features.categorical_columns, features.dense_columns
-    n = frame.height
-    offsets = np.concatenate([[0], np.cumsum(features.cardinalities)]).astype(np.int64)
-    cat = frame.select(cat_cols).to_numpy().astype(np.int64) + offsets[:-1]
-    dense = frame.select(dense_cols).to_numpy().astype(np.float64) if dense_cols else np.zeros((n, 0))
-    n_cat = int(offsets[-1])
-    dense_idx = np.broadcast_to(n_cat + np.arange(dense.shape[1]), (n, dense.shape[1]))
-    cols = np.concatenate([cat, dense_idx], axis=1)
-    vals = np.concatenate([np.ones_like(cat, dtype=np.float64), dense], axis=1)
-    indptr = np.arange(0, n * cols.shape[1] + 1, cols.shape[1])
-    return sparse.csr_matrix((vals.ravel(), cols.ravel(), indptr), shape=(n, n_cat + dense.shape[1]))
-
-
-def _train_logreg_replica(data_dir: Path, config: dict[str, Any], run_dir: Path) -> np.ndarray:
+def _train_logreg_replica(data_dir: Path, config: dict[str, Any], run_dir: Path) -> tuple[np.ndarray, np.ndarray]:
     """Logistic regression on one-hot categoricals + dense features; rows shuffled by the replica seed.
 
     L-BFGS on a convex loss: once converged, replicas differ only by floating-point summation order
     (PD ≈ 0); an unconverged fit (``run/fit.json``: converged false) keeps a dependence on row order.
+    ``C`` None is chosen on the validation split.
     """
-    from sklearn.exceptions import ConvergenceWarning
-    from sklearn.linear_model import LogisticRegression
+    from ctr_ad.linear import fit_linear, one_hot
 
     test_frame, features = _load_test(data_dir)
-    train_frame = pl.read_parquet(data_dir / "train.parquet")
-    order = np.random.default_rng(config["seed"]).permutation(train_frame.height)
-    train_frame = train_frame[order]
-    model = LogisticRegression(C=config["C"], max_iter=config["max_iter"], solver="lbfgs")
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always", ConvergenceWarning)
-        model.fit(_one_hot(train_frame, features), train_frame["label"].to_numpy())
+    layout = DataDir(data_dir)
+    train_frame = pl.read_parquet(layout.train)
+    valid_frame = pl.read_parquet(layout.valid)
+    train_frame = train_frame[np.random.default_rng(config["seed"]).permutation(train_frame.height)]
+    fit = fit_linear(train_frame, valid_frame, features, config["C"], config["max_iter"])
     run_dir.mkdir(parents=True, exist_ok=True)
-    converged = not any(issubclass(w.category, ConvergenceWarning) for w in caught)
-    fit = {"iterations": int(model.n_iter_[0]), "converged": converged}
-    (run_dir / "fit.json").write_text(json.dumps(fit))
-    np.save(run_dir / "coef.npy", np.concatenate([model.intercept_, model.coef_.ravel()]))
-    return model.decision_function(_one_hot(test_frame, features)).reshape(1, -1).astype(np.float32)
+    write_document(run_dir / "fit.json", fit.record())
+    test = fit.decision(one_hot(test_frame, features)).reshape(1, -1).astype(np.float32)
+    return test, fit.decision(one_hot(valid_frame, features)).reshape(1, -1).astype(np.float32)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
@@ -298,12 +282,14 @@ def component_logits(frame: pl.DataFrame) -> np.ndarray:
     return frame.select(names).to_numpy().T.astype(np.float64)
 
 
-def replica_metrics(frame: pl.DataFrame) -> dict[str, float]:
+def replica_metrics(frame: pl.DataFrame, valid: pl.DataFrame) -> dict[str, float]:
     y, p = frame["label"].to_numpy(), frame["p"].to_numpy()
     z = component_logits(frame)
     out = M.accuracy_metrics(y, p)
     out["component_corr"] = M.component_correlation(z) if z.shape[0] > 1 else math.nan
     out["component_spread"] = M.component_spread(_sigmoid(z))
+    out["valid_logloss"] = M.logloss(valid["label"].to_numpy(), valid["p"].to_numpy())
+    out["valid_auc"] = M.auc(valid["label"].to_numpy(), valid["p"].to_numpy())
     return out
 
 
@@ -321,14 +307,16 @@ def run_replica(
     rdir.root.mkdir(parents=True)
     started = time.perf_counter()
     if arm.kind == "logreg":
-        logits = _train_logreg_replica(data_dir, config, rdir.run.root)
+        logits, valid_logits = _train_logreg_replica(data_dir, config, rdir.run.root)
         prediction = "mean_prob"
     else:
-        logits = _train_model_replica(data_dir, config, rdir.run.root, device)
+        logits, valid_logits = _train_model_replica(data_dir, config, rdir.run.root, device)
         prediction = config["model"]["prediction"]
-    labels = pl.read_parquet(DataDir(data_dir).test, columns=["label"])["label"].to_numpy()
-    frame = write_predictions(rdir.predictions, labels, logits, prediction)
-    metrics = replica_metrics(frame)
+    label = {s: pl.read_parquet(DataDir(data_dir).split(s), columns=["label"])["label"].to_numpy()
+             for s in ("test", "valid")}
+    frame = write_predictions(rdir.predictions, label["test"], logits, prediction)
+    valid = write_predictions(rdir.valid_predictions, label["valid"], valid_logits, prediction)
+    metrics = replica_metrics(frame, valid)
     metrics["wall_s"] = time.perf_counter() - started
     # The training checkpoint only serves resuming an unfinished run; the bundle stays (publish, shadow).
     rdir.run.checkpoint.unlink(missing_ok=True)
@@ -339,21 +327,23 @@ def run_replica(
 
 def _is_done(exp_dir: Path, cfg: ExperimentConfig, arm: ArmSpec, replica: int, data_dir: Path) -> bool:
     rdir = ExperimentDir(exp_dir).replica(arm.name, replica)
-    if not rdir.done.is_file() or not rdir.predictions.is_file():
+    if not rdir.done.is_file() or not rdir.predictions.is_file() or not rdir.valid_predictions.is_file():
         return False
     key = _hash({"config": _replica_config(cfg, arm, replica), "data": data_fingerprint(data_dir)})
     return json.loads(rdir.done.read_text()).get("hash") == key
 
 
 # --------------------------------------------------------------------------------------------- summaries
-def summarise_arm(exp_dir: Path, cfg: ExperimentConfig, arm: ArmSpec) -> dict[str, Any]:
+def summarise_arm(exp_dir: Path, cfg: ExperimentConfig, arm: ArmSpec, replicas: int | None = None) -> dict[str, Any]:
     """mean ± std over replicas (accuracy, components, wall time) and over replica pairs (PD)."""
-    frames, per_replica = [], []
-    for r in range(cfg.replicas):
+    frames, valid_frames, per_replica = [], [], []
+    for r in range(replicas or cfg.replicas):
         rdir = ExperimentDir(exp_dir).replica(arm.name, r)
         frames.append(pl.read_parquet(rdir.predictions))
+        valid_frames.append(pl.read_parquet(rdir.valid_predictions))
         per_replica.append(json.loads(rdir.done.read_text())["metrics"])
     pairs = M.pairwise_pd([f["p"].to_numpy() for f in frames], cfg.top_fractions)
+    valid_pairs = M.pairwise_pd([f["p"].to_numpy() for f in valid_frames], cfg.top_fractions)
     config = _replica_config(cfg, arm, 0)
     if arm.kind == "model":
         config["train"].pop("seed_init")
@@ -373,99 +363,19 @@ def summarise_arm(exp_dir: Path, cfg: ExperimentConfig, arm: ArmSpec) -> dict[st
         "lambda": ad.get("lambda", 0.0),
         "data_order": ad.get("data_order", "shared") if arm.kind == "model" else "n/a",
         "activation": config["model"]["activation"] if arm.kind == "model" else "linear",
-        "replicas": cfg.replicas,
+        "replicas": len(frames),
         "accuracy": {k: summary[k] for k in acc_keys},
         "pd": M.mean_std(pairs),
+        "valid": {
+            "accuracy": {"logloss": summary["valid_logloss"], "auc": summary["valid_auc"]},
+            "pd": M.mean_std(valid_pairs),
+        },
         "component": {k: summary[k] for k in comp_keys},
         "wall_s": summary["wall_s"],
         "per_replica": per_replica,
         "pairs": pairs,
         "config": config,
     }
-
-
-def select_baseline(arms: dict[str, dict[str, Any]], tolerance: float = 0.003) -> str | None:
-    """The honest baseline: the best ensemble without anti-distillation (any data order).
-
-    Among plain arms (K > 1, no penalty) whose mean test logloss is within (1 + tolerance) of the most
-    accurate plain arm, the one with the lowest mean pd_rel — so a plain arm cannot become the
-    baseline by being reproducibly worse.
-    """
-    plain = [n for n, a in arms.items() if a["role"] == "plain"]
-    if not plain:
-        return None
-    limit = min(_logloss(arms[n]) for n in plain) * (1 + tolerance)
-    ok = [n for n in plain if _logloss(arms[n]) <= limit + 1e-12]
-    return min(ok, key=lambda n: arms[n]["pd"]["pd_rel"]["mean"])
-
-
-def _logloss(arm: dict[str, Any]) -> float:
-    return arm["accuracy"]["logloss"]["mean"]
-
-
-def select_best(arms: dict[str, dict[str, Any]], tolerance: float) -> tuple[str | None, str]:
-    """Best arm: the lowest mean pd_rel among the deep-model arms whose mean test logloss is at most
-    (1 + tolerance) × the baseline's (:func:`select_baseline`). Returns (name, the rule in words)."""
-    baseline = select_baseline(arms, tolerance)
-    candidates = [n for n, a in arms.items() if a["kind"] == "model"]
-    rule = (
-        f"lowest mean pd_rel among deep-model arms whose mean test logloss ≤ (1 + {tolerance:g}) × that of "
-        f"the baseline '{baseline}' (among plain ensembles — no anti-distillation, any data order — within "
-        f"the same tolerance of the most accurate one, the one with the lowest pd_rel); "
-        "the logistic regression is the reproducible reference, not a candidate"
-    )
-    if baseline is None:
-        rule = "lowest mean pd_rel among deep-model arms (no plain ensemble to bound the logloss)"
-        limit = math.inf
-    else:
-        limit = _logloss(arms[baseline]) * (1 + tolerance)
-    ok = [n for n in candidates if _logloss(arms[n]) <= limit + 1e-12]
-    if not ok:
-        return None, rule
-    return min(ok, key=lambda n: arms[n]["pd"]["pd_rel"]["mean"]), rule
-
-
-def _ratio(arms: dict[str, dict[str, Any]], name: str, base: str, metric: str) -> float:
-    value = _pd_rel(arms[name]) if metric == "pd_rel" else _logloss(arms[name])
-    ref = _pd_rel(arms[base]) if metric == "pd_rel" else _logloss(arms[base])
-    return value / ref if ref > 0 else math.nan
-
-
-def _within_noise(arms: dict[str, dict[str, Any]], name: str, base: str) -> bool:
-    """The pd_rel difference is at most the larger std over replica pairs: not distinguishable."""
-    spread = max(arms[name]["pd"]["pd_rel"]["std"], arms[base]["pd"]["pd_rel"]["std"])
-    return abs(_pd_rel(arms[name]) - _pd_rel(arms[base])) <= spread
-
-
-def decide_verdict(arms: dict[str, dict[str, Any]], tolerance: float, goal: float) -> Verdict:
-    """The experiment's answer, computed once and stored in results.json: the best arm (see
-    :func:`select_best`) and, reported separately, the best anti-distillation arm within the logloss
-    tolerance, each as pd_rel and logloss ratios to the baseline, against the goal
-    (pd_rel ratio ≤ ``goal`` at logloss ratio ≤ 1 + ``tolerance``)."""
-    best, rule = select_best(arms, tolerance)
-    base = select_baseline(arms, tolerance)
-    verdict = Verdict(best_arm=best, baseline_arm=base, rule=rule, logloss_tolerance=tolerance, pd_rel_goal=goal)
-    if base is None:
-        return verdict
-    limit = 1 + tolerance + 1e-12
-    if best is not None:
-        verdict.pd_rel_ratio = _ratio(arms, best, base, "pd_rel")
-        verdict.logloss_ratio = _ratio(arms, best, base, "logloss")
-        verdict.within_noise = _within_noise(arms, best, base)
-        verdict.goal_met = verdict.pd_rel_ratio <= goal and verdict.logloss_ratio <= limit
-    ad = [n for n, a in arms.items() if a["role"] == AD_ROLE and _ratio(arms, n, base, "logloss") <= limit]
-    if ad:
-        pick = min(ad, key=lambda n: _pd_rel(arms[n]))
-        verdict.ad_arm = pick
-        verdict.ad_pd_rel_ratio = _ratio(arms, pick, base, "pd_rel")
-        verdict.ad_logloss_ratio = _ratio(arms, pick, base, "logloss")
-        verdict.ad_within_noise = _within_noise(arms, pick, base)
-        verdict.ad_goal_met = verdict.ad_pd_rel_ratio <= goal
-    return verdict
-
-
-def _pd_rel(arm: dict[str, Any]) -> float:
-    return arm["pd"]["pd_rel"]["mean"]
 
 
 def environment() -> dict[str, Any]:
@@ -491,29 +401,116 @@ def environment() -> dict[str, Any]:
 
 
 def write_results(
-    exp_dir: Path, data_dir: Path, cfg: ExperimentConfig, arms: dict[str, dict[str, Any]], run: dict[str, Any]
+    exp_dir: Path, data_dir: Path, cfg: ExperimentConfig, arms: dict[str, dict[str, Any]], run: dict[str, Any],
+    confirmation: dict[str, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    verdict = decide_verdict(arms, cfg.logloss_tolerance, cfg.pd_rel_goal)
+    exp = ExperimentDir(exp_dir)
+    stated = confirmation or arms
+    probs = {name: _test_probs(exp, name if not confirmation else _confirm_name(name), a["replicas"])
+             for name, a in stated.items() if a["kind"] == "model"}
+    verdict = decide_verdict(arms, cfg.logloss_tolerance, cfg.pd_rel_goal, probs, confirmation, seed=cfg.seed)
     manifest_path = DataDir(data_dir).manifest
     results = {
-        "format": 1,
+        "format": 2,
         "data_dir": str(data_dir.resolve()),
         "manifest": json.loads(manifest_path.read_text()) if manifest_path.is_file() else None,
         "experiment": cfg.model_dump(mode="json"),
         "environment": environment(),
         "run": run,
         "baseline": verdict.baseline_arm,
-        "best": verdict.best_arm,
+        "best": verdict.recipe_arm,
         "best_rule": verdict.rule,
         "verdict": verdict.model_dump(mode="json"),
         "arms": arms,
+        "confirmation": confirmation or {},
     }
-    write_document(ExperimentDir(exp_dir).results, results)
+    write_document(exp.results, results)
     # Read back as written: NaN became null, so callers see exactly what a script reading the file sees.
-    return json.loads(ExperimentDir(exp_dir).results.read_text())
+    return json.loads(exp.results.read_text())
 
 
-# --------------------------------------------------------------------------------------------- driver
+def _test_probs(exp: ExperimentDir, arm: str, replicas: int) -> list[np.ndarray]:
+    return [pl.read_parquet(exp.replica(arm, r).predictions, columns=["p"])["p"].to_numpy() for r in range(replicas)]
+
+
+CONFIRM_SUFFIX = ".confirm"
+CONFIRM_SEED_OFFSET = 1000
+
+
+def _confirm_name(arm: str) -> str:
+    return arm + CONFIRM_SUFFIX
+
+
+def _available_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _replica_task(args: tuple[Any, ...]) -> tuple[str, int, dict[str, Any], bool]:
+    """One replica in a worker process (one torch thread: the workers share the cores)."""
+    import torch
+
+    data_dir, exp_dir, cfg, arm, replica, device = args
+    torch.set_num_threads(1)
+    metrics, skipped = run_replica(data_dir, exp_dir, cfg, arm, replica, device)
+    return arm.name, replica, metrics, skipped
+
+
+def _run_replicas(
+    data_dir: Path, exp_dir: Path, cfg: ExperimentConfig, arms: list[ArmSpec], replicas: int,
+    device: str | None, counts: dict[str, int],
+) -> None:
+    """Train every (arm, replica) not yet done, ``cfg.workers`` at a time (default: the available CPUs).
+
+    Replicas are pure functions of their config and seeds, so running them in parallel changes nothing
+    but the wall time."""
+    todo = []
+    for a in arms:
+        for r in range(replicas):
+            if _is_done(exp_dir, cfg, a, r, data_dir):
+                logger.info(f"{a.name}: replica {r + 1}/{replicas} skipped (done)")
+                counts["skipped"] += 1
+            else:
+                todo.append((a, r))
+    workers = min(cfg.workers or _available_cpus(), max(len(todo), 1))
+    if device not in (None, "cpu") or workers <= 1:
+        for arm, r in todo:
+            metrics, _ = run_replica(data_dir, exp_dir, cfg, arm, r, device)
+            _log_replica(arm.name, r, replicas, metrics)
+            counts["trained"] += 1
+        return
+    from concurrent.futures import ProcessPoolExecutor
+    from multiprocessing import get_context
+
+    tasks = [(data_dir, exp_dir, cfg, arm, r, device) for arm, r in todo]
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        for name, r, metrics, _ in pool.map(_replica_task, tasks):
+            _log_replica(name, r, replicas, metrics)
+            counts["trained"] += 1
+
+
+def _log_replica(name: str, r: int, replicas: int, metrics: dict[str, Any]) -> None:
+    logger.info(f"{name}: replica {r + 1}/{replicas} {metrics['wall_s']:.1f}s, test logloss "
+                f"{metrics['logloss']:.5f} auc {metrics['auc']:.4f}")
+
+
+def _log_arm(name: str, s: dict[str, Any]) -> None:
+    v = s["valid"]
+    logger.info(f"{name}: valid logloss {v['accuracy']['logloss']['mean']:.5f} pd_rel {v['pd']['pd_rel']['mean']:.4f}"
+                f" | test logloss {s['accuracy']['logloss']['mean']:.5f} pd_rel {s['pd']['pd_rel']['mean']:.4f}")
+
+
+def _confirmation_arms(cfg: ExperimentConfig, arms: dict[str, dict[str, Any]]) -> list[ArmSpec]:
+    """Fresh-seed copies of the arms the verdict rests on: the recipe, the best AD arm, the baseline."""
+    chosen = decide_verdict(arms, cfg.logloss_tolerance, cfg.pd_rel_goal)
+    names = [n for n in (chosen.baseline_arm, chosen.recipe_arm, chosen.ad_arm) if n]
+    by_name = {a.name: a for a in cfg.all_arms()}
+    return [by_name[n].model_copy(update={"name": _confirm_name(n), "seed_offset": CONFIRM_SEED_OFFSET})
+            for n in dict.fromkeys(names)]
+
+
 def run_experiment(
     data_dir: str | Path,
     config: ExperimentConfig | str | Path,
@@ -523,7 +520,7 @@ def run_experiment(
     device: str | None = None,
     train_missing: bool = True,
 ) -> dict[str, Any]:
-    """Run (or resume) every arm × replica and write ``results.json``; returns the results.
+    """Run (or resume) every arm × replica, then the confirmation round; write ``results.json``.
 
     ``train_missing=False`` trains nothing: it summarises the arms whose replicas are all finished
     (e.g. after workers ran disjoint ``only`` subsets in parallel) and leaves the others out.
@@ -531,8 +528,9 @@ def run_experiment(
     data_dir, exp_dir = Path(data_dir), Path(exp_dir)
     cfg = config if isinstance(config, ExperimentConfig) else load_experiment_config(config)
     verify_data_dir(data_dir)
-    if not (data_dir / "test.parquet").is_file():
-        raise UserError(f"{data_dir / 'test.parquet'}: an experiment needs a labelled test split")
+    for split in ("valid", "test"):
+        if not DataDir(data_dir).split(split).is_file():
+            raise UserError(f"{DataDir(data_dir).split(split)}: an experiment needs a labelled {split} split")
     arms = cfg.all_arms()
     if only:
         unknown = sorted(set(only) - {a.name for a in arms})
@@ -541,44 +539,33 @@ def run_experiment(
         arms = [a for a in arms if a.name in set(only)]
     exp_dir.mkdir(parents=True, exist_ok=True)
     ExperimentDir(exp_dir).config.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    started_at = utc_timestamp()
+    run: dict[str, Any] = {"started_at": utc_timestamp()}
     t0 = time.perf_counter()
-    summaries: dict[str, dict[str, Any]] = {}
-    trained = skipped = 0
-    for i, arm in enumerate(arms, 1):
-        arm_t0 = time.perf_counter()
-        if not train_missing and not all(_is_done(exp_dir, cfg, arm, r, data_dir) for r in range(cfg.replicas)):
-            logger.info(f"arm {i}/{len(arms)} {arm.name}: unfinished replicas, left out")
-            continue
-        for r in range(cfg.replicas):
-            metrics, was_skipped = run_replica(data_dir, exp_dir, cfg, arm, r, device)
-            skipped += was_skipped
-            trained += not was_skipped
-            state = "skipped (done)" if was_skipped else f"{metrics['wall_s']:.1f}s"
-            logger.info(
-                f"arm {i}/{len(arms)} {arm.name}: replica {r + 1}/{cfg.replicas} {state}, "
-                f"test logloss {metrics['logloss']:.5f} auc {metrics['auc']:.4f}"
-            )
-        summaries[arm.name] = summarise_arm(exp_dir, cfg, arm)
-        s = summaries[arm.name]
-        logger.info(
-            f"arm {i}/{len(arms)} {arm.name}: logloss {s['accuracy']['logloss']['mean']:.5f} "
-            f"pd_rel {s['pd']['pd_rel']['mean']:.4f} ± {s['pd']['pd_rel']['std']:.4f} "
-            f"({time.perf_counter() - arm_t0:.1f}s)"
-        )
-        run = {
-            "started_at": started_at,
-            "wall_s": time.perf_counter() - t0,
-            "trained": trained,
-            "skipped": skipped,
-        }
-        write_results(exp_dir, data_dir, cfg, summaries, run)
-    if not summaries:
+    counts = {"trained": 0, "skipped": 0}
+    if train_missing:
+        _run_replicas(data_dir, exp_dir, cfg, arms, cfg.replicas, device, counts)
+    done = [a for a in arms if all(_is_done(exp_dir, cfg, a, r, data_dir) for r in range(cfg.replicas))]
+    if not done:
         raise UserError(f"{exp_dir}: no finished arm to summarise")
-    run = {"started_at": started_at, "wall_s": time.perf_counter() - t0, "trained": trained, "skipped": skipped}
-    run["finished_at"] = utc_timestamp()
-    results = write_results(exp_dir, data_dir, cfg, summaries, run)
-    logger.info(f"done: {trained} trained, {skipped} skipped, {run['wall_s']:.1f}s; best arm {results['best']}")
+    summaries = {a.name: summarise_arm(exp_dir, cfg, a) for a in done}
+    for name, s in summaries.items():
+        _log_arm(name, s)
+    confirmation: dict[str, dict[str, Any]] = {}
+    if cfg.confirm and not only:
+        r_confirm = cfg.confirm_replicas or cfg.replicas
+        confirm_arms = _confirmation_arms(cfg, summaries)
+        if train_missing:
+            logger.info(f"confirmation round: {[a.name for a in confirm_arms]} with {r_confirm} fresh seeds each")
+            _run_replicas(data_dir, exp_dir, cfg, confirm_arms, r_confirm, device, counts)
+        for a in confirm_arms:
+            if all(_is_done(exp_dir, cfg, a, r, data_dir) for r in range(r_confirm)):
+                confirmation[a.name.removesuffix(CONFIRM_SUFFIX)] = summarise_arm(exp_dir, cfg, a, r_confirm)
+    run.update(counts, wall_s=time.perf_counter() - t0, finished_at=utc_timestamp())
+    results = write_results(exp_dir, data_dir, cfg, summaries, run, confirmation or None)
+    v = results["verdict"]
+    logger.info(f"done: {counts['trained']} trained, {counts['skipped']} skipped, {run['wall_s']:.1f}s; recipe arm "
+                f"{v['recipe_arm']}: pd_rel × {v['pd_rel_ratio']} {v['pd_rel_ratio_ci']} ({v['call']}) vs "
+                f"{v['baseline_arm']}")
     return results
 
 

@@ -412,11 +412,34 @@ GLOSSARY = [
 
 
 # --------------------------------------------------------------------------------------------- report
+def _ratio_text(ratio: float | None, ci: list[float] | None, ll: float | None) -> str:
+    if ratio is None:
+        return "n/a"
+    interval = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+    return f"pd_rel × {ratio:.2f}{interval} at logloss × {ll:.4f}"
+
+
+def verdict_sentence(v: Verdict) -> str:
+    """One sentence that answers the question: the recipe against the baseline, with its interval."""
+    where = (f"on the test rows of {v.confirm_replicas} fresh replicas per arm (confirmation round)"
+             if v.confirmed else "on the test rows of the same replicas (no confirmation round)")
+    goal = f"goal ≤ {v.pd_rel_goal:g} × at logloss ≤ {1 + v.logloss_tolerance:g} ×"
+    if v.recipe_arm is None or v.baseline_arm is None:
+        return "Verdict: no arm qualifies (no plain ensemble to compare with, or none within the logloss tolerance)."
+    call = f" — {v.call}" if v.call else ""
+    ratio = _ratio_text(v.pd_rel_ratio, v.pd_rel_ratio_ci, v.logloss_ratio)
+    return (
+        f"Verdict: <b>{html.escape(v.recipe_arm)}</b> gives {ratio}"
+        f" of the baseline <b>{html.escape(v.baseline_arm)}</b>{call} ({goal}: <b>{'met' if v.goal_met else 'not met'}"
+        f"</b>). Chosen on validation rows, stated {where}."
+    )
+
+
 def summary_lines(results: dict[str, Any], v: Verdict | None) -> list[str]:
-    """The first screen's sentences (HTML): best arm, rule, baseline, and the anti-distillation verdict."""
+    """The first screen's sentences (HTML): the verdict, best arm, rule, baseline, and the AD arm."""
     arms = results["arms"]
     best, base = results.get("best"), results.get("baseline")
-    lines = []
+    lines = [verdict_sentence(v)] if v is not None else []
     if best:
         a = arms[best]
         lines.append(
@@ -433,24 +456,16 @@ def summary_lines(results: dict[str, Any], v: Verdict | None) -> list[str]:
             f"{_pm(b['pd']['pd_rel'])}, logloss {_pm(b['accuracy']['logloss'], 5)}."
         )
     if v is not None and v.ad_arm is not None and v.ad_pd_rel_ratio is not None:
-        a = arms[v.ad_arm]
-        auc_delta = a["accuracy"]["auc"]["mean"] - arms[base]["accuracy"]["auc"]["mean"] if base else math.nan
+        ad_ratio = _ratio_text(v.ad_pd_rel_ratio, v.ad_pd_rel_ratio_ci, v.ad_logloss_ratio)
         lines.append(
             f"Best anti-distillation arm within {v.logloss_tolerance:.1%} logloss of the baseline: "
-            f"<b>{html.escape(v.ad_arm)}</b>: pd_rel × {v.ad_pd_rel_ratio:.2f}, "
-            f"logloss × {v.ad_logloss_ratio:.4f}, AUC {auc_delta:+.4f} against the baseline. "
-            f"Goal (pd_rel ≤ {v.pd_rel_goal:g} × with logloss ≤ {1 + v.logloss_tolerance:g} ×): "
+            f"<b>{html.escape(v.ad_arm)}</b>: {ad_ratio}"
+            + (f" — {v.ad_call}" if v.ad_call else "")
+            + f". Goal (pd_rel ≤ {v.pd_rel_goal:g} × with logloss ≤ {1 + v.logloss_tolerance:g} ×): "
             f"<b>{'met' if v.ad_goal_met else 'not met'}</b>."
-            + (
-                " Caution: the pd_rel difference is within one std over replica pairs (not significant;"
-                " more replicas or test rows would tell)."
-                if v.ad_within_noise
-                else ""
-            )
         )
     elif v is not None and base:
         lines.append("No anti-distillation arm is within the logloss tolerance of the baseline.")
-
     return lines
 
 

@@ -114,6 +114,8 @@ class TrainResult:
     #: The test split scored by the returned (best) weights: logits [K, N] and labels [N], so callers
     #: such as experiments need not read and score the test split again.
     test: Evaluation | None = field(default=None, repr=False)
+    #: The validation split scored by the same weights (experiments choose arms on it).
+    valid: Evaluation | None = field(default=None, repr=False)
 
 
 @dataclass
@@ -591,6 +593,7 @@ class Trainer:
             self.model.load_state_dict(self.best_weights)
         valid_metrics = {"logloss": s.best_logloss, "auc": s.best_auc}
         test = self._score(self.test) if self.test is not None else None
+        valid = self._score(self.valid)
         test_metrics = test.metrics() if test is not None else None
         self._say(
             f"done: {s.step} steps in {time.perf_counter() - self.started:.1f}s, best step {s.best_step}, "
@@ -612,6 +615,7 @@ class Trainer:
             test_metrics=test_metrics,
             model=self.model,
             test=test,
+            valid=valid,
         )
 
     def _write_bundle(self, valid_metrics: dict[str, float], test_metrics: dict[str, float] | None) -> Path:

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ctr_ad.ingest.pipeline import run_ingest
+from ctr_ad.ingest.run import run_ingest
 
 ROOT = Path(__file__).resolve().parents[1]
 CRITEO = [ROOT / "data" / "criteo-kaggle-8k" / f"{s}.tsv" for s in ("train", "dev", "test")]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -13,15 +14,10 @@ import pytest
 import torch
 
 from ctr_ad.errors import UserError
-from ctr_ad.experiment import (
-    ExperimentConfig,
-    load_experiment_config,
-    run_experiment,
-    select_baseline,
-    select_best,
-)
+from ctr_ad.experiment import ExperimentConfig, load_experiment_config, run_experiment
 from ctr_ad.ingest.run import run_ingest
 from ctr_ad.penalties import PENALTIES, hinge_decorrelation, prob_decorrelation
+from ctr_ad.protocol import select_baseline, select_best
 
 ROOT = Path(__file__).resolve().parents[1]
 CRITEO = [ROOT / "data" / "criteo-kaggle-8k" / f"{s}.tsv" for s in ("train", "dev", "test")]
@@ -88,14 +84,37 @@ def test_results_cover_every_arm_with_mean_and_std(experiment: tuple[Path, dict]
         # the arm's config is the replicas' config less their seeds
         seeded = arm["config"]["train"] if arm["kind"] == "model" else arm["config"]
         assert seeded and not {"seed", "seed_init", "seed_data"} & seeded.keys()
-    # replicas run one after another: their wall times add up to no more than the whole run's
-    assert sum(a["wall_s"]["mean"] * a["wall_s"]["n"] for a in arms.values()) <= results["run"]["wall_s"]
+    # replicas run on at most `workers` processes: their wall times add up to no more than that × the run's
+    workers = min(len(os.sched_getaffinity(0)), 10)
+    assert sum(a["wall_s"]["mean"] * a["wall_s"]["n"] for a in arms.values()) <= workers * results["run"]["wall_s"]
     assert arms["plain-shared"]["config"]["model"]["components"] == 2
     assert arms["ad-output_decorrelation-l0.3-indep"]["config"]["anti_distillation"]["lambda"] == 0.3
     assert arms["logreg"]["pd"]["pd_rel"]["mean"] < 1e-3  # a convex model retrains to the same predictions
     assert arms["single"]["component"]["component_corr"]["mean"] is None  # undefined for K = 1: null, not NaN
     assert results["environment"]["torch"] == torch.__version__
     assert results["manifest"]["fingerprint"]
+
+
+def test_protocol_chooses_on_validation_and_confirms_on_fresh_seeds(experiment: tuple[Path, dict]) -> None:
+    exp_dir, results = experiment
+    v = results["verdict"]
+    required = {"recipe_arm", "baseline_arm", "pd_rel_ratio", "pd_rel_ratio_ci", "logloss_ratio", "goal_met",
+                "ad_arm", "ad_pd_rel_ratio", "ad_pd_rel_ratio_ci", "ad_logloss_ratio"}
+    assert required <= v.keys() and v["confirmed"] and v["selection"] == "validation"
+    assert v["baseline_arm"] in {"plain-shared", "plain-indep"} and v["recipe_arm"] == results["best"]
+    # The confirmation round retrained exactly the arms the verdict rests on, with seeds never used before.
+    chosen = {v["baseline_arm"], v["recipe_arm"], v["ad_arm"]} - {None}
+    assert set(results["confirmation"]) == chosen
+    for name in chosen:
+        done = json.loads((exp_dir / "arms" / f"{name}.confirm" / "r0" / "done.json").read_text())
+        assert done["config"]["train"]["seed_init"] == 1000
+        assert (exp_dir / "arms" / name / "r0" / "valid_predictions.parquet").is_file()
+    low, high = v["pd_rel_ratio_ci"]
+    assert low <= v["pd_rel_ratio"] <= high
+    assert v["call"] in {"better", "worse", "not distinguishable"}
+    conf = results["confirmation"]
+    ratio = conf[v["recipe_arm"]]["pd"]["pd_rel"]["mean"] / conf[v["baseline_arm"]]["pd"]["pd_rel"]["mean"]
+    assert v["pd_rel_ratio"] == pytest.approx(ratio)  # stated on the confirmation round's test rows
 
 
 def test_predictions_saved_per_replica(experiment: tuple[Path, dict], data_dir: Path) -> None:
@@ -119,7 +138,7 @@ def test_rerun_skips_finished_replicas(
     caplog.set_level("INFO", logger="ctr_ad")
     again = run_experiment(data_dir, load_experiment_config(tiny_config()), exp_dir)
     messages = caplog.messages
-    assert again["run"]["trained"] == 0 and again["run"]["skipped"] == 10
+    assert again["run"]["trained"] == 0 and again["run"]["skipped"] == 10 + 2 * len(first["confirmation"])
     assert again["arms"]["plain-shared"]["pd"] == first["arms"]["plain-shared"]["pd"]
     assert any("skipped (done)" in m for m in messages)
 
@@ -152,26 +171,31 @@ def test_rerun_trains_again_every_replica_of_a_changed_arm(
         assert done["config"]["train"]["lr"] == 0.002
 
 
-def test_best_arm_rule() -> None:
-    def arm(role: str, logloss: float, pd_rel: float, kind: str = "model") -> dict:
+def test_best_arm_rule_chooses_on_validation_rows() -> None:
+    def arm(role: str, logloss: float, pd_rel: float, kind: str = "model", test: tuple | None = None) -> dict:
+        t_ll, t_pd = test or (logloss, pd_rel)
         return {
             "role": role,
             "kind": kind,
-            "accuracy": {"logloss": {"mean": logloss}},
-            "pd": {"pd_rel": {"mean": pd_rel}},
+            "accuracy": {"logloss": {"mean": t_ll}},
+            "pd": {"pd_rel": {"mean": t_pd}},
+            "valid": {"accuracy": {"logloss": {"mean": logloss}}, "pd": {"pd_rel": {"mean": pd_rel}}},
         }
 
     arms = {
         "plain-shared": arm("plain", 0.450, 0.30),
         "plain-indep": arm("plain", 0.451, 0.20),
         "plain-underfit": arm("plain", 0.470, 0.01),  # reproducibly worse: never the baseline
-        "ad-good": arm("anti_distillation", 0.4520, 0.10),
+        # best on validation, but its test figures look worse than ad-lucky's: the test rows must not pick
+        "ad-good": arm("anti_distillation", 0.4520, 0.10, test=(0.452, 0.12)),
+        "ad-lucky": arm("anti_distillation", 0.4520, 0.15, test=(0.451, 0.05)),
         "ad-too-costly": arm("anti_distillation", 0.4600, 0.05),
         "logreg": arm("linear", 0.47, 0.0, kind="logreg"),
     }
-    assert select_baseline(arms) == "plain-indep"
+    assert select_baseline(arms, 0.003) == "plain-indep"
     best, rule = select_best(arms, 0.003)
-    assert best == "ad-good" and "plain-indep" in rule
+    assert best == "ad-good" and "plain-indep" in rule and "validation rows" in rule
+    assert select_best(arms, 0.003, split="test")[0] == "ad-lucky"  # what choosing on test would have done
     assert select_best(arms, 0.03)[0] == "ad-too-costly"
 
 

@@ -16,8 +16,9 @@ import numpy as np
 import polars as pl
 import pytest
 
-from ctr_ad.experiment import decide_verdict, load_experiment_config, run_experiment
+from ctr_ad.experiment import load_experiment_config, run_experiment
 from ctr_ad.ingest.run import run_ingest
+from ctr_ad.protocol import decide_verdict
 from ctr_ad.report import frequency_buckets, pareto_front, write_report
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -157,29 +158,31 @@ def test_pareto_front() -> None:
     assert pareto_front(pts) == ["a", "b", "c"]
 
 
-def test_verdict_against_the_goal() -> None:
+def test_verdict_chosen_on_validation_stated_with_a_bootstrap_interval() -> None:
     def arm(role: str, logloss: float, pd_rel: float) -> dict:
-        return {
-            "role": role,
-            "kind": "model",
-            "accuracy": {"logloss": {"mean": logloss}, "auc": {"mean": 0.7}},
-            "pd": {"pd_rel": {"mean": pd_rel, "std": 0.01}},
-        }
+        stats = {"accuracy": {"logloss": {"mean": logloss}}, "pd": {"pd_rel": {"mean": pd_rel}}}
+        return {"role": role, "kind": "model", "replicas": 3, **stats, "valid": stats}
+
+    rng = np.random.default_rng(0)
+    base_p = rng.uniform(0.05, 0.5, 2000)
+
+    def replicas(noise: float) -> list[np.ndarray]:
+        return [np.clip(base_p * np.exp(noise * rng.standard_normal(base_p.size)), 1e-4, 0.999) for _ in range(3)]
 
     arms = {"p": arm("plain", 0.45, 0.2), "a": arm("anti_distillation", 0.4505, 0.09)}
-    v = decide_verdict(arms, tolerance=0.003, goal=0.5)
-    assert v.baseline_arm == "p" and v.best_arm == "a" and v.ad_arm == "a"
-    assert v.ad_goal_met and v.goal_met and v.ad_pd_rel_ratio == pytest.approx(0.45)
-    assert v.logloss_ratio == pytest.approx(0.4505 / 0.45)
-    assert not v.ad_within_noise
-    # Beyond the logloss tolerance the AD arm is neither the best arm nor a candidate at all.
+    probs = {"p": replicas(0.2), "a": replicas(0.05)}
+    v = decide_verdict(arms, tolerance=0.003, goal=0.5, test_probs=probs)
+    assert v.baseline_arm == "p" and v.recipe_arm == "a" and v.ad_arm == "a"
+    assert v.pd_rel_ratio == pytest.approx(0.25, rel=0.1) and v.call == "better" and v.goal_met
+    low, high = v.pd_rel_ratio_ci
+    assert low < v.pd_rel_ratio < high < 0.5
+    # Same spread on both sides: the interval straddles 1 and the call says so.
+    same = decide_verdict(arms, tolerance=0.003, goal=0.5, test_probs={"p": replicas(0.1), "a": replicas(0.1)})
+    assert same.call == "not distinguishable" and same.pd_rel_ratio_ci[0] < 1 < same.pd_rel_ratio_ci[1]
+    # Beyond the logloss tolerance the AD arm is neither the recipe nor a candidate at all.
     arms["a"] = arm("anti_distillation", 0.46, 0.05)
     v = decide_verdict(arms, tolerance=0.003, goal=0.5)
-    assert v.best_arm == "p" and v.ad_arm is None and not v.ad_goal_met and not v.goal_met
-    # Within tolerance but above the goal: not met, and a 0.005 difference is inside the 0.01 noise.
-    arms["a"] = arm("anti_distillation", 0.4501, 0.195)
-    v = decide_verdict(arms, tolerance=0.003, goal=0.5)
-    assert v.ad_arm == "a" and not v.ad_goal_met and v.ad_within_noise
+    assert v.recipe_arm == "p" and v.ad_arm is None and not v.ad_goal_met
 
 
 def test_frequency_buckets(report: Path) -> None:

@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "experiment": ("ctr_ad.experiment_command", "run replicated arms and measure reproducibility"),
     "report": ("ctr_ad.report_command", "write report.html / report.md for an experiment"),
     "pipeline": ("ctr_ad.pipeline_command", "run a batch pipeline (ingest → experiment → report)"),
-    "serve": ("ctr_ad.serve_command", "serve a bundle over REST"),
+    "serve": ("service.command", "serve a bundle over REST"),
 }
 
 

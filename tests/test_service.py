@@ -9,9 +9,12 @@ so they cannot disturb ``main``'s monitoring figures.
 
 from __future__ import annotations
 
+import gc
 import json
 import shutil
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,14 +27,24 @@ import numpy as np
 import polars as pl
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from service_helpers import CRITEO_8K, Server, cli, ingest_8k, instances, raw_rows, start_server, train_tiny
+from service_helpers import (
+    CRITEO_8K,
+    Server,
+    cli,
+    ingest_8k,
+    instances,
+    raw_rows,
+    start_server,
+    subprocess_env,
+    train_tiny,
+)
 
 from ctr_ad import metrics
 from ctr_ad.bundle import load
 from ctr_ad.features import as_numpy
 from service.encoding import RecordEncoder, RequestParser
 from service.model_store import load_slot, offline_metrics
-from service.monitoring import BucketHistogram, Monitor, RollingWindow
+from service.monitoring import BucketHistogram, FeedbackStore, Monitor, RollingWindow
 from service.settings import ServiceSettings
 
 TOKEN = "test-admin-token"
@@ -632,3 +645,50 @@ def test_published_layout_of_the_pipeline(runs: dict[str, Path], tmp_path: Path)
     assert slot.offline is not None and slot.offline["pd_rel"] == 0.08
     # The metrics file describes the CURRENT bundle only.
     assert load_slot(published / "bundles" / "older", max_instances=10).offline is None
+
+
+def test_feedback_store_adds_nothing_for_the_garbage_collector_to_walk() -> None:
+    """100,000 remembered predictions must not be 100,000 objects every full collection walks
+    (each such collection is a stall of the event loop)."""
+    store = FeedbackStore(10_000)
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(5000):
+        store.put(f"r{i}", np.full(3, 0.1), "v1")
+    gc.collect()
+    assert len(gc.get_objects()) - before < 100
+    served = store.take("r7")
+    assert served is not None and served.version == "v1" and served.ctr.tolist() == [0.1] * 3
+    assert store.take("r7") is None and len(store) == 4999
+
+
+GC_PROBE = """
+import gc, json, sys, time
+from starlette.testclient import TestClient
+from service.app import create_app
+from service.settings import ServiceSettings
+
+def full_collection():
+    t = time.perf_counter()
+    gc.collect()
+    return time.perf_counter() - t
+
+app = create_app(ServiceSettings(bundle=sys.argv[1], inference="inline"))
+before = min(full_collection() for _ in range(3))
+with TestClient(app) as client:
+    assert client.get("/readyz").status_code == 200
+    after = min(full_collection() for _ in range(3))
+    print(json.dumps({"frozen": gc.get_freeze_count(), "gen0": gc.get_threshold()[0],
+                      "before_s": before, "after_s": after}))
+"""
+
+
+def test_server_keeps_the_garbage_collector_off_its_startup_heap(runs: dict[str, Path]) -> None:
+    """Once started, a server process has moved its start-up heap (torch, polars, pydantic, the
+    bundles) out of the collector's reach: a full collection no longer walks it."""
+    r = subprocess.run([sys.executable, "-c", GC_PROBE, str(runs["a"])], capture_output=True, text=True,
+                       timeout=180, env=subprocess_env())
+    assert r.returncode == 0, r.stderr
+    probe = json.loads(r.stdout.strip().splitlines()[-1])
+    assert probe["frozen"] > 100_000 and probe["gen0"] >= 10_000, probe
+    assert probe["after_s"] < probe["before_s"] / 3, probe

@@ -79,8 +79,11 @@ class ServiceSettings(BaseSettings):
             parts = []
             for err in exc.errors():
                 name = str(err["loc"][0]) if err["loc"] else "<settings>"
-                parts.append(f"--{name.replace('_', '-')} (or {ENV_PREFIX}{name.upper()}): {err['msg']} "
-                             f"(got {err.get('input')!r})")
+                where = f"--{name.replace('_', '-')} (or {ENV_PREFIX}{name.upper()})"
+                if err["type"] == "missing":
+                    parts.append(f"{where} is required")
+                else:
+                    parts.append(f"{where}: {err['msg']} (got {err.get('input')!r})")
             raise UserError("; ".join(parts)) from None
 
     def to_json(self) -> str:

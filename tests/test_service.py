@@ -41,6 +41,7 @@ from service_helpers import (
 )
 
 from ctr_ad import metrics
+from ctr_ad.artifacts import OfflineMetrics, write_document
 from ctr_ad.bundle import load
 from ctr_ad.errors import UserError
 from ctr_ad.features import as_numpy
@@ -61,8 +62,9 @@ def publish(root: Path, bundles: dict[str, Path], current: str, pd_rel: float) -
     for name, src in bundles.items():
         shutil.copytree(src, root / "bundles" / name)
     (root / "CURRENT").write_text(f"bundles/{current}\n")
-    (root / "offline_metrics.json").write_text(json.dumps(
-        {"bundle": f"bundles/{current}", "dataset": "criteo-8k", "arm": "test", "pd_rel": pd_rel}))
+    # Written with the contract's own model and writer, as the pipeline's publish step does.
+    write_document(root / "offline_metrics.json",
+                   OfflineMetrics(bundle=f"bundles/{current}", dataset="criteo-8k", arm="test", pd_rel=pd_rel))
     return root
 
 

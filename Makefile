@@ -35,6 +35,8 @@ bench-ingest: venv
 bench-train: venv
 	$(PY) benchmarks/bench_train.py
 
+# bench-serve drives the server with wrk (apt-get install wrk): a C client, so the load generator
+# takes little of the CPU the server is measured on.
 bench-serve: venv
 	$(PY) benchmarks/bench_serve.py
 

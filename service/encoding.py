@@ -6,13 +6,12 @@ parsed and validated in one pass by pydantic-core straight from the request byte
 rewritten into :class:`ApiError` with a readable path (``instances[3].I7``) and the status codes the
 API documents: 400 malformed JSON, 413 too many instances, 422 anything else.
 
-Encoding: :class:`RecordEncoder` is the numpy twin of ``FeatureProcessor.transform`` for a few JSON
-records. ``transform`` builds polars frames and expressions, which costs milliseconds per request
-— more than the model's forward pass for one instance (benchmarks/README-serve.md) — so the
-service reads the *same fitted state* (vocabularies, dense statistics, reserved indices) from the
-bundle's FeatureProcessor and applies the same formulas with numpy. ``tests/test_service.py`` checks
-that both give identical arrays on every Criteo 8k row, and the served predictions against
-``ctr-ad predict``; a dense transform this module does not know falls back to ``transform`` itself.
+Encoding: :class:`RecordEncoder` calls ``FeatureProcessor.encode_columns``, the numpy form of
+``FeatureProcessor.transform`` for a few records. ``transform`` builds polars frames and
+expressions, which costs milliseconds per request — more than the model's forward pass for one
+instance — while ``encode_columns`` applies the same fitted state (vocabularies, dense statistics,
+reserved indices) and formulas with numpy. ``tests/test_service.py`` checks that both give
+identical arrays on every Criteo 8k row, and the served predictions against ``ctr-ad predict``.
 """
 
 from __future__ import annotations
@@ -21,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any
 
 import numpy as np
-import polars as pl
 import pydantic
 from pydantic import AfterValidator, ConfigDict, Field, StrictInt, StrictStr, create_model
 
@@ -29,7 +27,6 @@ from ctr_ad import features as feat
 from ctr_ad.schema import SOURCES
 
 MAX_ERRORS = 50
-_NUMPY_TRANSFORMS = ("log1p", "standard")
 
 
 @dataclass
@@ -70,7 +67,11 @@ def _short(value: Any) -> str:
 Dense = Annotated[float | None, Field(strict=True, allow_inf_nan=False)]
 # A categorical value: a string or null; integers are accepted and written in decimal, which is how
 # integer-coded IDs (Avazu's C14..C21) appear in the raw logs.
-Categorical = StrictStr | Annotated[StrictInt, AfterValidator(str)] | None
+# left_to_right: the branches cannot both accept a value, so trying them in order gives the same
+# result as pydantic's default "smart" union, with a quarter less validation time.
+Categorical = Annotated[
+    StrictStr | Annotated[StrictInt, AfterValidator(str)] | None, Field(union_mode="left_to_right")
+]
 
 
 @dataclass(frozen=True)
@@ -138,6 +139,9 @@ class RequestParser:
 
     def _check_integers(self, rows: list[tuple[Any, ...]]) -> None:
         n_dense = len(self.dense)
+        # Validated dense values are finite floats or None: a plain scan is cheaper than an array.
+        if all(v is None or v.is_integer() for r in rows for v in r[:n_dense]):
+            return
         values = np.array([r[:n_dense] for r in rows], dtype=np.float64)
         bad = ~np.isnan(values) & (values != np.floor(values))
         if bad.any():
@@ -226,11 +230,8 @@ class RecordEncoder:
         self.processor = processor
         self.dense = list(processor.dense)
         self.categorical = list(processor.categorical)
-        self.fast = processor.dense_transform in _NUMPY_TRANSFORMS
 
     def encode(self, batch: ParsedBatch) -> tuple[np.ndarray, np.ndarray]:
-        if not self.fast:
-            return self._encode_reference(batch)
         n_dense = len(self.dense)
         # One transpose in C: columns[j] holds field j of every instance.
         columns = list(zip(*batch.rows)) if len(batch) else [() for _ in batch.fields]
@@ -245,19 +246,3 @@ class RecordEncoder:
         i, j = (int(v[0]) for v in np.nonzero(~np.isfinite(dense)))
         loc: list[str | int] = ["instances", i, self.dense[j % len(self.dense)]]
         raise ApiError(422, [error_item(loc, "value out of range after the feature transform", "out_of_range")])
-
-    def raw_frame(self, batch: ParsedBatch) -> pl.DataFrame:
-        """The instances as a raw frame like ``ctr_ad.ingest.reader`` produces (Float64 / Utf8)."""
-        n_dense = len(self.dense)
-        cols = []
-        for j, name in enumerate(batch.fields):
-            values = batch.column(j)
-            if j < n_dense:
-                cols.append(pl.Series(name, values, dtype=pl.Float64))
-            else:
-                cols.append(pl.Series(name, [None if v == "" else v for v in values], dtype=pl.Utf8))
-        return pl.DataFrame(cols)
-
-    def _encode_reference(self, batch: ParsedBatch) -> tuple[np.ndarray, np.ndarray]:
-        """``FeatureProcessor.transform`` itself (for transforms without a numpy twin here)."""
-        return feat.as_numpy(self.processor.transform(self.raw_frame(batch)), self.processor)

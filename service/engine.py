@@ -21,14 +21,18 @@ import threading
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from service.encoding import ParsedBatch
-from service.model_store import ModelSlot, ModelStore, Scores
+from service.model_store import ModelSlot, Scores
 from service.monitoring import Monitor
 
-log = logging.getLogger("ctr_ad.service")
+if TYPE_CHECKING:
+    from service.state import ServiceState
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -170,10 +174,10 @@ class _ShadowJob:
 class ShadowScorer(_BackgroundThread):
     thread_name = "ctr-ad-shadow"
 
-    def __init__(self, store: ModelStore, monitor: Monitor, queue_max: int, linger_ms: float,
+    def __init__(self, state: ServiceState, monitor: Monitor, queue_max: int, linger_ms: float,
                  max_batch_instances: int = 4096) -> None:
         super().__init__()
-        self.store = store
+        self.state = state
         self.monitor = monitor
         self.queue_max = max(int(queue_max), 1)
         self.linger_s = max(float(linger_ms), 0.0) / 1000.0
@@ -240,8 +244,8 @@ class ShadowScorer(_BackgroundThread):
 
     def _score(self, jobs: list[_ShadowJob]) -> None:
         generation = self.monitor.generation
-        shadow = self.store.shadow
-        primary = self.store.primary
+        shadow = self.state.shadow
+        primary = self.state.primary
         if shadow is None:
             return
         # Pairs only make sense against the primary that is serving now (a reload starts a new series).

@@ -1,4 +1,4 @@
-"""HTTP plumbing: fast JSON responses, uniform error bodies, request metrics and the body limit.
+"""HTTP plumbing: fast JSON responses, uniform error bodies, request metrics, the body limits.
 
 Every error the service answers has the body ``{"detail": [{"loc", "path", "msg", "type"}, ...]}``
 (plus ``unknown_fields`` when field names were unknown), whatever raised it: our own validation,
@@ -7,14 +7,16 @@ FastAPI's (query parameters, feedback/admin bodies) or an HTTPException.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
-from urllib.parse import parse_qs
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -31,13 +33,15 @@ except ImportError:  # pragma: no cover - depends on the environment
     def dumps(obj: Any) -> bytes:
         return json.dumps(obj, separators=(",", ":"), allow_nan=False).encode()
 
-log = logging.getLogger("ctr_ad.service")
+log = logging.getLogger(__name__)
 
 
-class JSONBytes(Response):
-    """A JSON response serialised by :func:`dumps` (skips FastAPI's jsonable_encoder walk)."""
+class JSONBytes(JSONResponse):
+    """A JSON response serialised by :func:`dumps` (skips FastAPI's jsonable_encoder walk).
 
-    media_type = "application/json"
+    A ``JSONResponse`` subclass, so FastAPI documents the routes' ``response_model`` as the JSON body
+    of their 200 responses in ``/openapi.json``.
+    """
 
     def render(self, content: Any) -> bytes:
         return content if isinstance(content, bytes) else dumps(content)
@@ -50,7 +54,7 @@ def error_body(status: int, msg: str, kind: str, loc: list[str | int] | None = N
 
 
 _HTTP_KINDS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 413: "too_large", 415: "unsupported_media_type",
+               405: "method_not_allowed", 408: "timeout", 413: "too_large", 415: "unsupported_media_type",
                422: "invalid", 503: "unavailable"}
 
 
@@ -62,10 +66,9 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> Response:
         if isinstance(exc.detail, list):
-            body: dict[str, Any] = {"detail": exc.detail}
-        else:
-            body = error_body(exc.status_code, str(exc.detail), _HTTP_KINDS.get(exc.status_code, "error"))
-        return JSONBytes(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+            return JSONBytes({"detail": exc.detail}, status_code=exc.status_code, headers=exc.headers)
+        status, body, headers = http_error_response(exc)
+        return JSONBytes(body, status_code=status, headers=headers)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> Response:
@@ -86,77 +89,47 @@ def install_error_handlers(app: FastAPI) -> None:
         return JSONBytes(error_body(500, "internal error (logged on the server)", "internal"), status_code=500)
 
 
-PREDICT_PATH = "/v1/predict"
-
-
-class FastPredict:
-    """``POST /v1/predict`` answered straight from the ASGI messages.
-
-    The FastAPI route stack (exception middleware, router, dependency solving, request object)
-    costs about as much CPU per request as everything this service does for a one-instance
-    prediction (benchmarks/README-serve.md); this path runs the same :func:`score_request` the
-    route does and answers errors with the same bodies. The FastAPI route stays registered: it
-    documents the operation in the OpenAPI schema.
-    """
-
-    def __init__(self, state: Any) -> None:
-        self.state = state
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        from service.routers.predict import flag, score_request
-
-        headers: dict[str, str] = {}
-        try:
-            chunks = []
-            while True:
-                message = await receive()
-                if message["type"] == "http.disconnect":
-                    return  # the client went away: nobody to answer
-                chunks.append(message.get("body", b""))
-                if not message.get("more_body", False):
-                    break
-            components = False
-            query = scope.get("query_string", b"")
-            if query:
-                values = parse_qs(query.decode("latin-1"), keep_blank_values=True).get("components")
-                components = flag(values[-1] if values else None, "components")
-            payload, headers = await score_request(self.state, b"".join(chunks), components)
-            status = 200
-        except ApiError as exc:
-            status, payload = exc.status, exc.body()
-        except HTTPException as exc:
-            status = exc.status_code
-            payload = error_body(status, str(exc.detail), _HTTP_KINDS.get(status, "error"))
-        except Exception:
-            log.exception("unhandled error on POST %s", PREDICT_PATH)
-            status, payload = 500, error_body(500, "internal error (logged on the server)", "internal")
-        body = dumps(payload)
-        raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        raw_headers += [(k.encode(), v.encode()) for k, v in headers.items()]
-        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
-        await send({"type": "http.response.body", "body": body})
-
-
 class BodyTooLarge(HTTPException):
     def __init__(self, limit: int) -> None:
         super().__init__(413, f"request body larger than the limit of {limit} bytes")
 
 
+class BodyTimeout(HTTPException):
+    """The client stopped sending its request body: answer 408 and close the connection."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(408, f"request body not received within {seconds:g} s",
+                         headers={"connection": "close"})
+
+
+def http_error_response(exc: HTTPException) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """(status, error body, headers) of an HTTPException, in the service's error format."""
+    status = exc.status_code
+    body = error_body(status, str(exc.detail), _HTTP_KINDS.get(status, "error"))
+    return status, body, dict(exc.headers or {})
+
+
+#: An ASGI endpoint answering one path itself, ahead of the FastAPI stack (see ``routers/predict.py``).
+FastPath = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+
 class ObservabilityMiddleware:
-    """Counts and times every request by route template and status; enforces the body size limit;
-    hands ``POST /v1/predict`` to :class:`FastPredict`.
+    """Counts and times every request by route template and status; enforces the body size limit
+    and the body-read timeout; hands the paths in ``fast_paths`` (``POST /v1/predict``) to their
+    own ASGI endpoint.
 
     Pure ASGI (no BaseHTTPMiddleware): it adds two dict lookups and a clock read per request.
     Paths that match no route are counted as ``<unmatched>`` so scanners cannot blow up the
     label cardinality.
     """
 
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, max_body_bytes: int,
-                 fast_predict: Any = None) -> None:
+    def __init__(self, app: ASGIApp, metrics: ServiceMetrics, max_body_bytes: int, body_timeout_s: float,
+                 fast_paths: dict[tuple[str, str], FastPath] | None = None) -> None:
         self.app = app
         self.metrics = metrics
         self.max_body = max_body_bytes
-        self.fast_predict = fast_predict
+        self.body_timeout = body_timeout_s
+        self.fast_paths = fast_paths or {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -164,8 +137,6 @@ class ObservabilityMiddleware:
             return
         start = time.perf_counter()
         status = 500
-        limit = self.max_body
-        label: str | None = None
 
         async def send_wrapper(message: Message) -> None:
             nonlocal status
@@ -173,40 +144,52 @@ class ObservabilityMiddleware:
                 status = message["status"]
             await send(message)
 
-        fast = self.fast_predict is not None and scope["path"] == PREDICT_PATH and scope["method"] == "POST"
-        if fast:
-            label = PREDICT_PATH
+        fast = self.fast_paths.get((scope["method"], scope["path"]))
         try:
             length = _content_length(scope)
-            if length is not None and length > limit:
+            if length is not None and length > self.max_body:
                 # Refuse before reading a byte of it.
                 body = dumps(error_body(413, f"request body of {length} bytes is larger than the limit of "
-                                              f"{limit} bytes", "too_large"))
+                                              f"{self.max_body} bytes", "too_large"))
                 await Response(body, status_code=413, media_type="application/json")(scope, receive, send_wrapper)
                 return
-            received = 0
-
-            async def receive_limited() -> Message:
-                nonlocal received
-                message = await receive()
-                if message["type"] == "http.request":
-                    received += len(message.get("body", b""))
-                    if received > limit:
-                        raise BodyTooLarge(limit)
-                return message
-
-            if fast:
-                await self.fast_predict(scope, receive_limited, send_wrapper)
-            else:
-                await self.app(scope, receive_limited, send_wrapper)
+            guarded = self._guard_body(receive)
+            await (fast or self.app)(scope, guarded, send_wrapper)
         finally:
-            route = scope.get("route")
-            label = label or getattr(route, "path", None) or "<unmatched>"
+            label = scope["path"] if fast else getattr(scope.get("route"), "path", None) or "<unmatched>"
             code = str(status)
             method = scope.get("method", "")
             m = self.metrics
             m.requests.labels(label, method, code).inc()
             m.latency.labels(label, method, code).observe(time.perf_counter() - start)
+
+    def _guard_body(self, receive: Receive) -> Receive:
+        """``receive`` with the size limit (for bodies without Content-Length) and the read timeout:
+        a client that stops sending half-way gets 408 instead of holding the connection forever."""
+        limit, timeout = self.max_body, self.body_timeout
+        received = 0
+        deadline: float | None = None
+        complete = False
+
+        async def receive_guarded() -> Message:
+            nonlocal received, deadline, complete
+            if complete:  # after the body only http.disconnect can come: no deadline on waiting for it
+                return await receive()
+            if deadline is None:  # the whole body gets one budget, however it is cut into chunks
+                deadline = asyncio.get_running_loop().time() + timeout
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BodyTimeout(timeout) from None
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:
+                    raise BodyTooLarge(limit)
+                complete = not message.get("more_body", False)
+            return message
+
+        return receive_guarded
 
 
 def _content_length(scope: Scope) -> int | None:

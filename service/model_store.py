@@ -9,12 +9,9 @@ the last of them drops it.
 
 from __future__ import annotations
 
-import datetime as dt
 import hashlib
-import json
+import logging
 import math
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,10 +19,13 @@ from typing import Any
 import numpy as np
 
 from ctr_ad import bundle as bundle_mod
+from ctr_ad.artifacts import read_offline_metrics
 from ctr_ad.errors import UserError
-from service.encoding import ParsedBatch, RecordEncoder, RequestParser
+from ctr_ad.files import utc_timestamp
+from ctr_ad.layout import PublishedDir
+from service.encoding import RecordEncoder, RequestParser
 
-OFFLINE_METRICS_FILE = "offline_metrics.json"
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -83,57 +83,32 @@ def model_version(bundle_dir: Path, metadata: dict[str, Any]) -> str:
     return f"{created}-{digest}"
 
 
-def _find_pd_rel(node: Any, depth: int = 0) -> float | None:
-    """The first ``pd_rel`` in a metrics document: a number or ``{"mean": number}`` (breadth first)."""
-    if depth > 6 or not isinstance(node, dict):
-        return None
-    value = node.get("pd_rel")
-    if isinstance(value, dict):
-        value = value.get("mean")
-    if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    for child in node.values():
-        found = _find_pd_rel(child, depth + 1)
-        if found is not None:
-            return found
-    return None
+def offline_metrics(bundle_dir: Path, metadata: dict[str, Any], given: float | None = None) -> dict[str, Any] | None:
+    """The offline reproducibility (``pd_rel`` between two retrains) the live PD is compared with.
 
-
-def find_offline_metrics(bundle_dir: Path, metadata: dict[str, Any]) -> dict[str, Any] | None:
-    """The offline reproducibility of the bundle's own experiment, if recorded anywhere we know.
-
-    Looked up in order: ``offline_metrics.json`` in the bundle directory, next to it (RUN_DIR/), and
-    two levels up — the pipeline publishes ``<out>/published/{CURRENT, offline_metrics.json,
-    bundles/<name>/}`` — then the bundle's own metadata (``offline_metrics`` / ``pd_rel``). A file
-    that names its bundle (the pipeline's ``"bundle"`` key) counts only for that bundle, so serving
-    an older published bundle does not borrow the current one's figures.
-    Returns ``{"pd_rel", "source", ...}`` or None.
+    In order: ``given`` (``--offline-pd-rel``, the operator's word); for a bundle the pipeline
+    published (``<published>/bundles/<name>``), ``<published>/offline_metrics.json`` if its
+    ``bundle`` names this one — so serving an older published bundle does not borrow the current
+    one's figures; else the bundle's metadata (``offline_metrics.pd_rel`` or ``pd_rel``).
+    Returns ``{"pd_rel", "source", ...}`` or None; a broken metrics file is logged, not fatal.
     """
-    candidates = [bundle_dir / OFFLINE_METRICS_FILE, bundle_dir.parent / OFFLINE_METRICS_FILE,
-                  bundle_dir.parent.parent / OFFLINE_METRICS_FILE]
-    for path in candidates:
-        if not path.is_file():
-            continue
+    if given is not None:
+        return {"pd_rel": float(given), "source": "--offline-pd-rel"}
+    published = PublishedDir.containing(bundle_dir)
+    if published is not None:
         try:
-            doc = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue  # a broken side file must not stop the service; monitoring just lacks it
-        named = doc.get("bundle") if isinstance(doc, dict) else None
-        if isinstance(named, str) and (path.parent / named).resolve() != bundle_dir.resolve():
-            continue
-        pd_rel = _find_pd_rel(doc)
-        if pd_rel is not None:
-            out: dict[str, Any] = {"pd_rel": pd_rel, "source": str(path)}
-            if isinstance(doc, dict):
-                for key in ("pd_abs", "arm", "dataset", "replicas", "baseline_pd_rel", "published_at"):
-                    if key in doc and isinstance(doc[key], str | int | float):
-                        out[key] = doc[key]
-            return out
-    pd_rel = _find_pd_rel({"m": metadata.get("offline_metrics")}) or _find_pd_rel(
-        {k: v for k, v in metadata.items() if k == "pd_rel"}
-    )
-    if pd_rel is not None:
-        return {"pd_rel": pd_rel, "source": str(bundle_dir / bundle_mod.METADATA)}
+            doc = read_offline_metrics(published.offline_metrics)
+        except UserError as exc:
+            log.warning("ignoring the offline metrics: %s", exc)
+        else:
+            if (published.root / doc.bundle).resolve() == bundle_dir.resolve() and math.isfinite(doc.pd_rel):
+                keep = {"pd_abs", "arm", "dataset", "replicas", "baseline_pd_rel", "published_at"}
+                extra = doc.model_dump(include=keep, exclude_none=True)
+                return {"pd_rel": doc.pd_rel, "source": str(published.offline_metrics), **extra}
+    nested = metadata.get("offline_metrics")
+    for value in (nested.get("pd_rel") if isinstance(nested, dict) else None, metadata.get("pd_rel")):
+        if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+            return {"pd_rel": float(value), "source": str(bundle_dir / bundle_mod.METADATA)}
     return None
 
 
@@ -144,7 +119,7 @@ def resolve_published(path: str | Path) -> Path:
     empty body pick up whatever the pipeline published since.
     """
     path = Path(path)
-    pointer = path / "CURRENT"
+    pointer = PublishedDir(path).current
     if pointer.is_file() and not (path / bundle_mod.METADATA).exists():
         target = pointer.read_text().strip()
         if not target:
@@ -161,16 +136,14 @@ def load_slot(path: str | Path, max_instances: int, offline_pd_rel: float | None
     if not features.raw_fields:
         raise UserError(f"{bundle.path}: the bundle's features name no raw fields")
     meta = bundle.metadata
-    offline = find_offline_metrics(bundle.path, meta)
-    if offline_pd_rel is not None:
-        offline = {"pd_rel": float(offline_pd_rel), "source": "--offline-pd-rel"}
+    offline = offline_metrics(bundle.path, meta, offline_pd_rel)
     slot = ModelSlot(
         bundle=bundle,
         parser=RequestParser(features, max_instances),
         encoder=RecordEncoder(features),
         version=model_version(bundle.path, meta),
         path=bundle.path,
-        loaded_at=dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        loaded_at=utc_timestamp(),
         offline=offline,
         source=source,
         features_digest=hashlib.sha256((bundle.path / bundle_mod.FEATURES).read_bytes()).hexdigest(),
@@ -195,33 +168,3 @@ def load_slot(path: str | Path, max_instances: int, offline_pd_rel: float | None
     }
     slot.warm_up()
     return slot
-
-
-class ModelStore:
-    """The current primary and shadow slots; swaps are single reference assignments."""
-
-    def __init__(self, primary: ModelSlot, shadow: ModelSlot | None = None) -> None:
-        self.primary = primary
-        self.shadow = shadow
-        self.started = time.time()
-        # Serialises reloads (two admins reloading at once); never taken on the request path.
-        self.reload_lock = threading.Lock()
-        self.reloads = 0
-
-    @property
-    def ready(self) -> bool:
-        return self.primary.warmed_up
-
-    def swap(self, primary: ModelSlot, shadow: ModelSlot | bool | None = False) -> ModelSlot:
-        """Install ``primary`` (and ``shadow`` unless False); returns the old primary."""
-        old = self.primary
-        if shadow is not False:
-            self.shadow = shadow  # type: ignore[assignment]
-        self.primary = primary
-        self.reloads += 1
-        return old
-
-
-def score_batch(slot: ModelSlot, batch: ParsedBatch) -> Scores:
-    cat, dense = slot.encoder.encode(batch)
-    return slot.score_arrays(cat, dense)

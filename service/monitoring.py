@@ -7,8 +7,9 @@ Three streams feed rolling windows of the last ``window`` instances:
   the within-model face of irreproducibility (an anti-distilled ensemble is built to average it out).
 * **shadow PD** — with ``--shadow``, an independently trained replica scores the same instances off
   the response path; ``pd_abs`` / ``pd_rel`` between the two are computed exactly as offline
-  (DESIGN.md: pd_rel = mean 2|p1 − p2| / (p1 + p2)) and compared with the offline pd_rel of the
-  bundle's own experiment: ``alert`` is raised when live > ``alert_factor`` × offline.
+  (``ctr_ad.metrics``: pd_rel = mean 2|p1 − p2| / (p1 + p2), the relative prediction difference of
+  two retrains) and compared with the offline pd_rel of the bundle's own experiment: ``alert`` is
+  raised when live > ``alert_factor`` × offline, over at least ``alert_min_instances`` pairs.
 * **feedback** — labelled outcomes for served request ids give online logloss and calibration.
 
 Histograms are kept as numpy bucket counts and exposed through a custom collector: one vectorized
@@ -22,8 +23,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Histogram
@@ -31,10 +31,12 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.registry import Collector
 
 from ctr_ad import metrics as offline_metrics
+from ctr_ad.files import utc_timestamp
 
 if TYPE_CHECKING:
-    from service.model_store import ModelSlot, ModelStore
+    from service.model_store import ModelSlot
     from service.settings import ServiceSettings
+    from service.state import ServiceState
 
 QUANTILES = (0.5, 0.9, 0.99)
 # Component std of probabilities: CTRs are ~0.001..0.5, spreads ~1e-4..0.1.
@@ -128,30 +130,36 @@ class BucketHistogram:
         return fam
 
 
-@dataclass
-class Served:
+class Served(NamedTuple):
     ctr: np.ndarray
     version: str
     at: float
 
 
 class FeedbackStore:
-    """Predictions served recently, by request id, for labelled feedback (each accepted once)."""
+    """Predictions served recently, by request id, for labelled feedback (each accepted once).
+
+    Entries are plain tuples of a str, a float and a numpy array: the garbage collector stops
+    tracking such a tuple after its first pass, so ``capacity`` (100,000) long-lived entries add
+    nothing to the full collections that would otherwise walk them all, a stall of tens of
+    milliseconds on the request path every few thousand requests.
+    """
 
     def __init__(self, capacity: int) -> None:
         self.capacity = max(int(capacity), 1)
-        self._items: OrderedDict[str, Served] = OrderedDict()
+        self._items: OrderedDict[str, tuple[np.ndarray, str, float]] = OrderedDict()
         self._lock = threading.Lock()
 
     def put(self, request_id: str, ctr: np.ndarray, version: str) -> None:
         with self._lock:
-            self._items[request_id] = Served(ctr, version, time.time())
+            self._items[request_id] = (ctr, version, time.time())
             while len(self._items) > self.capacity:
                 self._items.popitem(last=False)
 
     def take(self, request_id: str) -> Served | None:
         with self._lock:
-            return self._items.pop(request_id, None)
+            item = self._items.pop(request_id, None)
+        return None if item is None else Served(*item)
 
     def __len__(self) -> int:
         return len(self._items)
@@ -173,9 +181,7 @@ def _finite_or_none(x: float) -> float | None:
 
 
 def _iso(ts: float | None) -> str | None:
-    if ts is None:
-        return None
-    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(ts))
+    return None if ts is None else utc_timestamp(ts)
 
 
 class Monitor:
@@ -272,13 +278,13 @@ class Monitor:
             ],
         }
 
-    def alert_state(self, store: ModelStore, live: dict[str, Any] | None = None) -> dict[str, Any]:
+    def alert_state(self, state: ServiceState, live: dict[str, Any] | None = None) -> dict[str, Any]:
         live = live if live is not None else self.live_pd()
-        offline = store.primary.offline
+        offline = state.primary.offline
         offline_pd = offline["pd_rel"] if offline else None
         live_pd = live["pd_rel"]
         s = self.settings
-        if store.shadow is None:
+        if state.shadow is None:
             reason, alert = "no shadow replica: live PD is not measured", False
         elif offline_pd is None:
             reason, alert = "the bundle has no offline pd_rel to compare with", False
@@ -293,12 +299,12 @@ class Monitor:
         return {"alert": alert, "reason": reason, "factor": s.alert_factor,
                 "min_instances": s.alert_min_instances, "live_pd_rel": live_pd, "offline_pd_rel": offline_pd}
 
-    def report(self, store: ModelStore) -> dict[str, Any]:
+    def report(self, state: ServiceState) -> dict[str, Any]:
         spread, since = self.spread.snapshot()
         live = self.live_pd()
-        alert = self.alert_state(store, live)
-        shadow = store.shadow
-        primary = store.primary
+        alert = self.alert_state(state, live)
+        shadow = state.shadow
+        primary = state.primary
         return {
             "model_version": primary.version,
             "window": {"capacity": self.settings.window, "instances": int(spread.shape[0]),
@@ -322,7 +328,7 @@ class Monitor:
 class ServiceMetrics:
     """The Prometheus registry of one app: request metrics plus the monitor's figures."""
 
-    def __init__(self, monitor: Monitor, store_ref: Any) -> None:
+    def __init__(self, monitor: Monitor, state: ServiceState) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(
             "ctr_ad_http_requests_total", "HTTP requests by route template, method and status code",
@@ -335,13 +341,13 @@ class ServiceMetrics:
         self.reloads = Counter(
             "ctr_ad_reloads_total", "Bundle reloads by result", ["result"], registry=self.registry
         )
-        self.registry.register(_MonitorCollector(monitor, store_ref))
+        self.registry.register(_MonitorCollector(monitor, state))
 
 
 class _MonitorCollector(Collector):
-    def __init__(self, monitor: Monitor, store_ref: Any) -> None:
+    def __init__(self, monitor: Monitor, state: ServiceState) -> None:
         self.monitor = monitor
-        self.store_ref = store_ref  # a callable returning the ModelStore (None before startup)
+        self.state = state
 
     def describe(self) -> list:
         return []  # collected lazily: the families depend on what is loaded
@@ -365,22 +371,20 @@ class _MonitorCollector(Collector):
         labels = CounterMetricFamily("ctr_ad_feedback_labels", "Labelled outcomes received")
         labels.add_metric([], m.feedback_labels)
         yield labels
-        store: ModelStore | None = self.store_ref()
-        if store is None:
-            return
+        state = self.state
         info = GaugeMetricFamily(
             "ctr_ad_model_info", "Loaded model bundles (value 1), by role",
             labels=["role", "version", "created_at", "components", "penalty", "lambda"],
         )
-        for role, slot in (("primary", store.primary), ("shadow", store.shadow)):
+        for role, slot in (("primary", state.primary), ("shadow", state.shadow)):
             if slot is not None:
                 info.add_metric([role, *_info_labels(slot)], 1)
         yield info
         ready = GaugeMetricFamily("ctr_ad_ready", "1 when a warmed-up bundle serves requests")
-        ready.add_metric([], 1 if store.ready else 0)
+        ready.add_metric([], 1 if state.primary.warmed_up else 0)
         yield ready
         live = m.live_pd()
-        alert = m.alert_state(store, live)
+        alert = m.alert_state(state, live)
         for name, doc, value in (
             ("ctr_ad_live_pd_rel", "Mean pd_rel against the shadow over the window", live["pd_rel"]),
             ("ctr_ad_offline_pd_rel", "Offline pd_rel of the primary bundle's experiment", alert["offline_pd_rel"]),

@@ -6,13 +6,14 @@ The predict request body is generated per bundle from its raw field names (see
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from ctr_ad.strict import StrictModel
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+#: A label: the JSON integer 0 or 1 (``true``/``false`` and ``1.0`` are refused, not converted).
+Label = Annotated[StrictInt, Field(ge=0, le=1)]
 
 
 class ErrorItem(BaseModel):
@@ -58,15 +59,15 @@ class ModelInfo(BaseModel):
     shadow: dict[str, Any] | None = None
 
 
-class Outcome(_Strict):
+class Outcome(StrictModel):
     request_id: str = Field(min_length=1, max_length=200)
-    labels: list[Literal[0, 1] | None] = Field(
+    labels: list[Label | None] = Field(
         min_length=1, max_length=100_000,
         description="one label per instance of that request, in order (null = outcome unknown)",
     )
 
 
-class FeedbackRequest(_Strict):
+class FeedbackRequest(StrictModel):
     outcomes: list[Outcome] = Field(min_length=1, max_length=10_000)
 
 
@@ -75,7 +76,7 @@ class FeedbackResponse(BaseModel):
     unknown_request_ids: list[str] = Field(description="never served, expired or already labelled")
 
 
-class ReloadRequest(_Strict):
+class ReloadRequest(StrictModel):
     bundle: str | None = Field(
         None, description="RUN_DIR, bundle dir or a pipeline's published/ dir; omitted = re-read the path served now"
     )
@@ -92,5 +93,79 @@ class ReloadResponse(BaseModel):
 
 
 class Health(BaseModel):
-    status: Literal["ok", "ready", "starting"]
+    status: Literal["ok", "ready"]
     model_version: str | None = None
+
+
+# ------------------------------------------------------------------------------ monitoring report
+class SpreadSummary(BaseModel):
+    components: int = Field(description="K")
+    mean: float | None
+    p50: float | None
+    p90: float | None
+    p99: float | None
+    max: float | None
+
+
+class WindowInfo(BaseModel):
+    capacity: int = Field(description="rolling window size, in instances")
+    instances: int
+    since: str | None = Field(description="time of the oldest instance in the window (UTC)")
+
+
+class Quantiles(BaseModel):
+    p50: float
+    p90: float
+    p99: float
+
+
+class ShadowReport(BaseModel):
+    enabled: bool
+    model_version: str | None
+    instances_seen: int = Field(description="shadow-scored instances since start")
+    dropped: int = Field(description="instances not shadow-scored because its queue was full")
+    instances: int = Field(description="shadow-scored pairs in the window")
+    pd_abs: float | None
+    pd_rel: float | None = Field(description="mean 2|p − p_shadow| / (p + p_shadow) over the window")
+    pd_rms: float | None
+    abs_diff_quantiles: Quantiles | None = None
+    since: str | None
+
+
+class AlertDetail(BaseModel):
+    alert: bool
+    reason: str
+    factor: float
+    min_instances: int
+    live_pd_rel: float | None
+    offline_pd_rel: float | None
+
+
+class ReliabilityBin(BaseModel):
+    mean_prediction: float
+    observed_ctr: float
+    instances: int
+
+
+class OnlineMetrics(BaseModel):
+    labels_total: int
+    instances: int
+    since: str | None
+    logloss: float | None
+    auc: float | None
+    mean_prediction: float | None
+    observed_ctr: float | None
+    calibration: float | None = Field(description="mean prediction / observed CTR (1 = calibrated)")
+    reliability: list[ReliabilityBin]
+
+
+class ReproducibilityReport(BaseModel):
+    model_version: str
+    window: WindowInfo
+    instances_seen: int
+    component_spread: SpreadSummary
+    shadow: ShadowReport
+    offline: dict[str, Any] | None = Field(description="the offline pd_rel compared with, and where it came from")
+    alert: bool
+    alert_detail: AlertDetail
+    online: OnlineMetrics

@@ -1,19 +1,26 @@
 """The prediction service end to end: real ``ctr-ad serve`` processes on free loopback ports, bundles
 trained in the session on the real 8k Criteo sample.
 
-Two servers share the module: ``main`` (bundle A, shadow B, admin token, offline pd_rel next to A)
-and ``plain`` (bundle A, no shadow, admin disabled, small limits, inline inference) — the fuzzing and
-bad-input tests run against ``plain`` so they cannot disturb ``main``'s monitoring figures.
+Two servers share the module: ``main`` (bundle A published as a pipeline does, with its offline
+pd_rel; shadow B; admin token) and ``plain`` (bundle A, no shadow, admin disabled, small limits, a
+short body-read timeout, inline inference) — the fuzzing and bad-input tests run against ``plain``
+so they cannot disturb ``main``'s monitoring figures.
 """
 
 from __future__ import annotations
 
+import argparse
+import gc
 import json
 import shutil
+import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import httpx
@@ -21,18 +28,44 @@ import numpy as np
 import polars as pl
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from service_helpers import CRITEO_8K, Server, cli, ingest_8k, instances, raw_rows, start_server, train_tiny
+from service_helpers import (
+    CRITEO_8K,
+    Server,
+    cli,
+    ingest_8k,
+    instances,
+    raw_rows,
+    start_server,
+    subprocess_env,
+    train_tiny,
+)
 
 from ctr_ad import metrics
+from ctr_ad.artifacts import OfflineMetrics, write_document
 from ctr_ad.bundle import load
+from ctr_ad.errors import UserError
 from ctr_ad.features import as_numpy
+from service.command import add_arguments, settings_from_args
 from service.encoding import RecordEncoder, RequestParser
-from service.model_store import find_offline_metrics, load_slot
-from service.monitoring import BucketHistogram, RollingWindow
+from service.model_store import load_slot, offline_metrics
+from service.monitoring import BucketHistogram, FeedbackStore, Monitor, RollingWindow
+from service.settings import ServiceSettings
 
 TOKEN = "test-admin-token"
 OFFLINE_PD_REL = 1e-4  # far below any real PD: the alert must fire once enough pairs are seen
 MIN_PAIRS = 50
+BODY_TIMEOUT_S = 1.5
+
+
+def publish(root: Path, bundles: dict[str, Path], current: str, pd_rel: float) -> Path:
+    """``root/{CURRENT, offline_metrics.json, bundles/<name>/}`` as the pipeline publishes them."""
+    for name, src in bundles.items():
+        shutil.copytree(src, root / "bundles" / name)
+    (root / "CURRENT").write_text(f"bundles/{current}\n")
+    # Written with the contract's own model and writer, as the pipeline's publish step does.
+    write_document(root / "offline_metrics.json",
+                   OfflineMetrics(bundle=f"bundles/{current}", dataset="criteo-8k", arm="test", pd_rel=pd_rel))
+    return root
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -42,18 +75,19 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     data = ingest_8k(root / "data")
     with ThreadPoolExecutor(2) as pool:
         a, b = pool.map(lambda s: train_tiny(data, root / f"run{s}", seed=s), (0, 1))
-    # What the pipeline publishes next to a bundle: the offline reproducibility of its experiment.
-    (a / "offline_metrics.json").write_text(json.dumps({"pd_rel": {"mean": OFFLINE_PD_REL}, "arm": "test"}))
-    return {"data": data, "a": a, "b": b, "root": root}
+    # What the pipeline publishes: the bundle and the offline reproducibility of its experiment.
+    published = publish(root / "published", {"a": a / "bundle"}, "a", OFFLINE_PD_REL)
+    return {"data": data, "a": a, "b": b, "root": root, "published": published}
 
 
 @pytest.fixture(scope="module")
 def servers(runs: dict[str, Path]) -> Any:
     root = runs["root"]
-    main_args = ["--bundle", str(runs["a"]), "--shadow", str(runs["b"]),
+    main_args = ["--bundle", str(runs["published"]), "--shadow", str(runs["b"]),
                  "--alert-min-instances", str(MIN_PAIRS), "--shadow-linger-ms", "1"]
     plain_args = ["--bundle", str(runs["a"] / "bundle"), "--max-instances", "50", "--max-body-bytes", "65536",
-                  "--inference", "inline", "--admin-token-env", "CTR_AD_TEST_TOKEN_NOT_SET"]
+                  "--inference", "inline", "--admin-token-env", "CTR_AD_TEST_TOKEN_NOT_SET",
+                  "--body-timeout-s", str(BODY_TIMEOUT_S)]
     with ThreadPoolExecutor(2) as pool:
         main_f = pool.submit(start_server, main_args, root / "main.log", CTR_AD_ADMIN_TOKEN=TOKEN)
         plain_f = pool.submit(start_server, plain_args, root / "plain.log", CTR_AD_ADMIN_TOKEN=TOKEN)
@@ -172,10 +206,6 @@ def test_numpy_encoder_equals_feature_transform_on_all_8k_rows(bundles: dict[str
     assert cat.shape == cat_ref.shape and raw.height > 7900
     np.testing.assert_array_equal(cat, cat_ref)
     np.testing.assert_array_equal(dense, dense_ref)
-    # The reference path (used for transforms without a numpy twin) gives the same arrays too.
-    cat2, dense2 = RecordEncoder(fp)._encode_reference(parsed)
-    np.testing.assert_array_equal(cat2, cat_ref)
-    np.testing.assert_array_equal(dense2, dense_ref)
 
 
 def test_model_info(main: Server, bundles: dict[str, Any]) -> None:
@@ -249,6 +279,35 @@ def test_monitoring_without_shadow_reports_spread(plain: Server, bundles: dict[s
     assert rep["component_spread"]["mean"] > 0 and rep["component_spread"]["components"] == 3
     assert rep["shadow"]["enabled"] is False and rep["shadow"]["pd_rel"] is None
     assert rep["alert"] is False and "no shadow" in rep["alert_detail"]["reason"]
+
+
+def _alert_after(pairs: tuple[np.ndarray, np.ndarray], offline_pd_rel: float, **settings: Any) -> dict[str, Any]:
+    """The alert of a monitor fed ``pairs`` (primary, shadow) for a primary with this offline pd_rel."""
+    monitor = Monitor(ServiceSettings(bundle="unused", **settings))
+    monitor.record_shadow(*pairs)
+    state = SimpleNamespace(primary=SimpleNamespace(offline={"pd_rel": offline_pd_rel}), shadow=object())
+    return monitor.alert_state(state)  # type: ignore[arg-type]
+
+
+def test_alert_stays_off_at_a_realistic_offline_pd_rel(bundles: dict[str, Any], test_rows: pl.DataFrame) -> None:
+    """Offline pd_rel measured between the two replicas on the dev rows; live pairs on the test rows:
+    the same retraining noise, so no alert — and the same pairs do alert against 1e-4."""
+    dev = raw_rows(CRITEO_8K / "dev.tsv")
+    offline = metrics.pd_metrics(bundles["a"].predict_raw(dev).ctr, bundles["b"].predict_raw(dev).ctr)["pd_rel"]
+    live = (bundles["a"].predict_raw(test_rows).ctr, bundles["b"].predict_raw(test_rows).ctr)
+    assert 1e-3 < offline < 1  # a real retraining difference, not a placeholder
+    calm = _alert_after(live, offline, alert_min_instances=MIN_PAIRS)
+    assert calm["alert"] is False and calm["live_pd_rel"] < 2 * offline, calm
+    assert "≤" in calm["reason"]
+    assert _alert_after(live, OFFLINE_PD_REL, alert_min_instances=MIN_PAIRS)["alert"] is True
+
+
+def test_alert_min_instances_gates_the_alert(bundles: dict[str, Any], test_rows: pl.DataFrame) -> None:
+    p_a, p_b = bundles["a"].predict_raw(test_rows).ctr, bundles["b"].predict_raw(test_rows).ctr
+    n = len(p_a)
+    below = _alert_after((p_a, p_b), OFFLINE_PD_REL, alert_min_instances=n + 1)
+    assert below["alert"] is False and f"fewer than {n + 1}" in below["reason"]
+    assert _alert_after((p_a, p_b), OFFLINE_PD_REL, alert_min_instances=n)["alert"] is True
 
 
 def test_feedback_gives_online_logloss_and_calibration(main: Server, bundles: dict[str, Any]) -> None:
@@ -414,17 +473,74 @@ def test_oversized_bodies_and_bad_params_then_still_serving(plain: Server) -> No
     assert plain.proc.poll() is None
 
 
-def test_fuzz_openapi_schema_no_server_errors(plain: Server) -> None:
-    """Schemathesis generates valid and invalid requests for every documented operation: never a 5xx."""
+def test_openapi_documents_json_responses_with_their_schemas(plain: Server) -> None:
+    """Every JSON 200 response is documented as its model (a generated client gets typed results),
+    not as ``{"type": "string"}``."""
+    doc = httpx.get(f"{plain.url}/openapi.json").json()
+    expected = {("post", "/v1/predict"): "PredictResponse", ("get", "/v1/model"): "ModelInfo",
+                ("get", "/healthz"): "Health", ("get", "/readyz"): "Health",
+                ("post", "/v1/feedback"): "FeedbackResponse", ("post", "/v1/admin/reload"): "ReloadResponse",
+                ("get", "/v1/monitoring/reproducibility"): "ReproducibilityReport"}
+    for (method, path), model in expected.items():
+        content = doc["paths"][path][method]["responses"]["200"]["content"]
+        assert list(content) == ["application/json"], (path, content)
+        assert content["application/json"]["schema"] == {"$ref": f"#/components/schemas/{model}"}, path
+    labels = doc["components"]["schemas"]["Outcome"]["properties"]["labels"]["items"]
+    assert {"type": "integer", "minimum": 0, "maximum": 1} in labels["anyOf"]
+
+
+@pytest.mark.parametrize("labels", [[True], [False], [1, True], [1.0], [2]])
+def test_feedback_refuses_booleans_and_non_binary_labels(plain: Server, labels: list[Any]) -> None:
+    served = predict(plain, [{"I1": 1}] * len(labels)).json()
+    r = httpx.post(f"{plain.url}/v1/feedback", json={"outcomes": [{"request_id": served["request_id"],
+                                                                   "labels": labels}]})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["path"].startswith("outcomes[0].labels[")
+
+
+def test_stalled_request_body_gets_408_and_the_connection_closed(plain: Server) -> None:
+    """A client that sends headers and half its body, then stalls, is answered 408 once the
+    body-read timeout passes and its connection is closed (not held forever)."""
+    for path in ("/v1/predict", "/v1/feedback"):
+        with socket.create_connection((plain.host, plain.port), timeout=BODY_TIMEOUT_S + 10) as sock:
+            sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         f"Content-Length: 100\r\n\r\n{{\"instances\": [".encode())
+            start = time.monotonic()
+            data = b""
+            while chunk := sock.recv(65536):  # returns b"" when the server closes the connection
+                data += chunk
+            waited = time.monotonic() - start
+        assert data.startswith(b"HTTP/1.1 408 "), data[:200]
+        assert BODY_TIMEOUT_S * 0.9 <= waited < BODY_TIMEOUT_S + 5, waited
+        assert b'"type":"timeout"' in data
+    # A slow but steady client within the budget is served.
+    with socket.create_connection((plain.host, plain.port), timeout=10) as sock:
+        body = b'{"instances": [{"I1": 1}]}'
+        sock.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body[:10])
+        time.sleep(BODY_TIMEOUT_S / 3)
+        sock.sendall(body[10:])
+        assert sock.recv(65536).startswith(b"HTTP/1.1 200 ")
+    assert predict(plain, [{}]).status_code == 200
+
+
+def test_fuzz_openapi_schema_no_server_errors_and_responses_match_it(plain: Server) -> None:
+    """Schemathesis generates valid and invalid requests for every documented operation: never a 5xx,
+    and every response conforms to the documented schema and content type of its status."""
     import schemathesis
     from hypothesis import HealthCheck, given, settings
     from hypothesis.errors import Unsatisfiable
     from schemathesis import GenerationMode
+    from schemathesis.checks import not_a_server_error
+    from schemathesis.specs.openapi.checks import content_type_conformance, response_schema_conformance
 
     schema = schemathesis.openapi.from_url(f"{plain.url}/openapi.json")
     operations = [result.ok() for result in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/predict", "/v1/feedback", "/v1/admin/reload", "/v1/model"}
+    assert {op.path for op in operations} >= {"/v1/predict", "/v1/feedback", "/v1/admin/reload", "/v1/model",
+                                              "/v1/monitoring/reproducibility"}
+    checks = [not_a_server_error, response_schema_conformance, content_type_conformance]
     failures: list[str] = []
+    checked = 0
     client = httpx.Client(base_url=plain.url, timeout=30)
     for op in operations:
         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
@@ -432,13 +548,17 @@ def test_fuzz_openapi_schema_no_server_errors(plain: Server) -> None:
                       derandomize=True, suppress_health_check=list(HealthCheck))
             @given(case=op.as_strategy(generation_mode=mode))
             def run(case: Any) -> None:
+                nonlocal checked
                 kwargs = case.as_transport_kwargs(base_url=plain.url)
                 r = client.request(kwargs["method"], kwargs["url"], params=kwargs.get("params"),
                                    headers=kwargs.get("headers"),
                                    content=kwargs.get("data") if kwargs.get("json") is None else None,
                                    json=kwargs.get("json"))
-                if r.status_code >= 500:
-                    failures.append(f"{case.method} {case.path} -> {r.status_code}: {r.text[:200]}")
+                checked += 1
+                try:
+                    case.validate_response(r, checks=checks)
+                except Exception as exc:  # schemathesis raises a group of check failures
+                    failures.append(f"{case.method} {case.path} -> {r.status_code}: {str(exc)[:300]}")
 
             try:
                 run()
@@ -446,6 +566,7 @@ def test_fuzz_openapi_schema_no_server_errors(plain: Server) -> None:
                 # An operation without parameters or body (GET /healthz) has nothing to make invalid.
                 assert mode == GenerationMode.NEGATIVE, op.path
     client.close()
+    assert checked > 100
     assert not failures, failures[:5]
     assert predict(plain, [{}]).status_code == 200
 
@@ -500,26 +621,100 @@ def test_bucket_histogram_is_cumulative_with_inclusive_bounds() -> None:
     assert buckets == {"0.1": 2, "0.2": 3, "+Inf": 4}
 
 
-def test_offline_metrics_lookup(tmp_path: Path) -> None:
-    bundle_dir = tmp_path / "published" / "bundle"
-    bundle_dir.mkdir(parents=True)
-    assert find_offline_metrics(bundle_dir, {}) is None
-    (bundle_dir.parent / "offline_metrics.json").write_text(json.dumps({"pd": {"pd_rel": {"mean": 0.07}}}))
-    assert find_offline_metrics(bundle_dir, {})["pd_rel"] == 0.07
-    (bundle_dir / "offline_metrics.json").write_text(json.dumps({"pd_rel": 0.05}))
-    assert find_offline_metrics(bundle_dir, {})["pd_rel"] == 0.05
-    assert find_offline_metrics(tmp_path, {"offline_metrics": {"pd_rel": 0.03}})["pd_rel"] == 0.03
+def test_offline_metrics_contract(runs: dict[str, Path], tmp_path: Path) -> None:
+    """A published bundle reads ``<published>/offline_metrics.json`` only when it names that bundle;
+    otherwise ``--offline-pd-rel`` or the bundle metadata; side files elsewhere are not read."""
+    loose = tmp_path / "loose"
+    shutil.copytree(runs["a"] / "bundle", loose)
+    (loose / "offline_metrics.json").write_text(json.dumps({"pd_rel": 0.05}))  # not the contract: ignored
+    assert offline_metrics(loose, {}) is None
+    assert offline_metrics(loose, {"offline_metrics": {"pd_rel": 0.03}}) == {
+        "pd_rel": 0.03, "source": str(loose / "metadata.json")}
+    assert offline_metrics(loose, {"pd_rel": 0.04}, given=0.02)["source"] == "--offline-pd-rel"
+    published = publish(tmp_path / "published", {"best": loose, "older": runs["b"] / "bundle"}, "best", 0.08)
+    found = offline_metrics(published / "bundles" / "best", {})
+    assert found is not None and found["pd_rel"] == 0.08 and found["arm"] == "test"
+    assert found["source"] == str((published / "offline_metrics.json").resolve())
+    assert offline_metrics(published / "bundles" / "older", {}) is None
+    # A broken metrics file is logged and skipped: monitoring lacks the figure, the service still starts.
+    (published / "offline_metrics.json").write_text("{not json")
+    assert offline_metrics(published / "bundles" / "best", {"pd_rel": 0.01})["pd_rel"] == 0.01
 
 
 def test_published_layout_of_the_pipeline(runs: dict[str, Path], tmp_path: Path) -> None:
     """``<out>/published/{CURRENT, offline_metrics.json, bundles/<name>/}``: served and monitored as one."""
-    published = tmp_path / "published"
-    shutil.copytree(runs["a"] / "bundle", published / "bundles" / "best")
-    shutil.copytree(runs["b"] / "bundle", published / "bundles" / "older")
-    (published / "CURRENT").write_text("bundles/best\n")
-    (published / "offline_metrics.json").write_text(json.dumps({"bundle": "bundles/best", "pd_rel": 0.08}))
+    published = publish(tmp_path / "published", {"best": runs["a"] / "bundle", "older": runs["b"] / "bundle"},
+                        "best", 0.08)
     slot = load_slot(published, max_instances=10)
     assert slot.path == published / "bundles" / "best" and slot.source == published
     assert slot.offline is not None and slot.offline["pd_rel"] == 0.08
     # The metrics file describes the CURRENT bundle only.
     assert load_slot(published / "bundles" / "older", max_instances=10).offline is None
+
+
+def test_feedback_store_adds_nothing_for_the_garbage_collector_to_walk() -> None:
+    """100,000 remembered predictions must not be 100,000 objects every full collection walks
+    (each such collection is a stall of the event loop)."""
+    store = FeedbackStore(10_000)
+    gc.collect()
+    before = len(gc.get_objects())
+    for i in range(5000):
+        store.put(f"r{i}", np.full(3, 0.1), "v1")
+    gc.collect()
+    assert len(gc.get_objects()) - before < 100
+    served = store.take("r7")
+    assert served is not None and served.version == "v1" and served.ctr.tolist() == [0.1] * 3
+    assert store.take("r7") is None and len(store) == 4999
+
+
+GC_PROBE = """
+import gc, json, sys, time
+from starlette.testclient import TestClient
+from service.app import create_app
+from service.settings import ServiceSettings
+
+def full_collection():
+    t = time.perf_counter()
+    gc.collect()
+    return time.perf_counter() - t
+
+app = create_app(ServiceSettings(bundle=sys.argv[1], inference="inline"))
+before = min(full_collection() for _ in range(3))
+with TestClient(app) as client:
+    assert client.get("/readyz").status_code == 200
+    after = min(full_collection() for _ in range(3))
+    print(json.dumps({"frozen": gc.get_freeze_count(), "gen0": gc.get_threshold()[0],
+                      "before_s": before, "after_s": after}))
+"""
+
+
+def test_server_keeps_the_garbage_collector_off_its_startup_heap(runs: dict[str, Path]) -> None:
+    """Once started, a server process has moved its start-up heap (torch, polars, pydantic, the
+    bundles) out of the collector's reach: a full collection no longer walks it."""
+    r = subprocess.run([sys.executable, "-c", GC_PROBE, str(runs["a"])], capture_output=True, text=True,
+                       timeout=180, env=subprocess_env())
+    assert r.returncode == 0, r.stderr
+    probe = json.loads(r.stdout.strip().splitlines()[-1])
+    assert probe["frozen"] > 100_000 and probe["gen0"] >= 10_000, probe
+    assert probe["after_s"] < probe["before_s"] / 3, probe
+
+
+def test_settings_flags_then_environment_then_defaults_all_validated(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CTR_AD_MAX_INSTANCES", "7")
+    assert ServiceSettings.build(bundle="b").max_instances == 7
+    assert ServiceSettings.build(bundle="b", max_instances=9).max_instances == 9
+    assert ServiceSettings.build(bundle="b").window == ServiceSettings.model_fields["window"].default
+    with pytest.raises(UserError, match=r"^--window \(or CTR_AD_WINDOW\): .*greater than or equal to 1"):
+        ServiceSettings.build(bundle="b", window=0)
+    with pytest.raises(UserError, match=r"--bundle \(or CTR_AD_BUNDLE\) is required"):
+        ServiceSettings.build()
+    monkeypatch.setenv("CTR_AD_ALERT_FACTOR", "-1")
+    with pytest.raises(UserError, match="CTR_AD_ALERT_FACTOR"):
+        ServiceSettings.build(bundle="b")
+    monkeypatch.delenv("CTR_AD_ALERT_FACTOR")
+    # The command's flags are the settings' fields; a flag left out is not passed on.
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    settings = settings_from_args(parser.parse_args(["--bundle", "b", "--window", "5", "--access-log"]))
+    assert (settings.window, settings.max_instances, settings.access_log) == (5, 7, True)
+    assert ServiceSettings.from_json(settings.to_json()) == settings

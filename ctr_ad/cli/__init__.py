@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "experiment": ("ctr_ad.cli.experiment", "run replicated arms and measure reproducibility"),
     "report": ("ctr_ad.cli.report", "write report.html / report.md for an experiment"),
     "pipeline": ("ctr_ad.cli.pipeline", "run a batch pipeline (ingest → experiment → report)"),
-    "serve": ("ctr_ad.serve_command", "serve a bundle over REST"),
+    "serve": ("service.command", "serve a bundle over REST"),
 }
 
 

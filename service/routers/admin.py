@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import time
+from typing import Annotated
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from starlette.responses import Response
@@ -20,20 +21,20 @@ from service.encoding import ApiError, error_item
 from service.http import JSONBytes
 from service.model_store import ModelSlot, load_slot
 from service.schemas import ErrorResponse, ReloadRequest, ReloadResponse
-from service.state import ServiceState, get_state
+from service.state import ServiceState, State
 
 
-def require_admin(request: Request) -> None:
-    token: str | None = request.app.state.admin_token
+def require_admin(request: Request, svc: State) -> None:
+    token = svc.admin_token
     if token is None:
-        raise HTTPException(404, "admin routes are disabled (set CTR_AD_ADMIN_TOKEN to enable them)")
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
+        raise HTTPException(404, f"admin routes are disabled (set {svc.settings.admin_token_env} to enable them)")
+    scheme, _, given = request.headers.get("authorization", "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
         raise HTTPException(401, "missing or invalid bearer token", headers={"WWW-Authenticate": "Bearer"})
 
 
-router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])
+AdminAuth = Annotated[None, Depends(require_admin)]
+router = APIRouter(tags=["admin"])
 
 
 @router.post(
@@ -41,30 +42,22 @@ router = APIRouter(tags=["admin"], dependencies=[Depends(require_admin)])
     responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}, 422: {"model": ErrorResponse}},
     summary="Load a new bundle (and optionally a new shadow) and swap it in atomically",
 )
-async def reload(request: Request, body: ReloadRequest | None = None) -> Response:
-    svc = get_state(request)
-    store = svc.store
-    if store is None:
-        raise HTTPException(503, "no bundle loaded yet")
+async def reload(svc: State, _: AdminAuth, body: ReloadRequest | None = None) -> Response:
     body = body or ReloadRequest()
-    s = svc.settings
     async with svc.reload_lock:
         start = time.perf_counter()
         # Load and warm up off the event loop: requests keep flowing to the old bundle meanwhile.
-        path = body.bundle or str(store.primary.source or store.primary.path)
-        new = await _load(svc, "bundle", path, s.offline_pd_rel)
+        path = body.bundle or str(svc.primary.source or svc.primary.path)
+        new = await _load(svc, "bundle", path, svc.settings.offline_pd_rel)
         shadow: ModelSlot | bool | None = False
         if "shadow" in body.model_fields_set:
             shadow = None if body.shadow is None else await _load(svc, "shadow", body.shadow, None)
-        old = store.swap(new, shadow)
-        svc.monitor.reset_windows()
-        if store.shadow is not None and svc.shadow is None:
-            svc.shadow = request.app.state.make_shadow_scorer()
+        old = svc.swap(new, shadow)
         svc.metrics.reloads.labels("ok").inc()
         return JSONBytes({
             "model_version": new.version,
             "previous_version": old.version,
-            "shadow_version": store.shadow.version if store.shadow else None,
+            "shadow_version": svc.shadow.version if svc.shadow else None,
             "load_seconds": round(time.perf_counter() - start, 4),
         })
 

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-from fastapi import APIRouter, Request
+from fastapi import APIRouter
 from starlette.responses import Response
 
 from service.encoding import ApiError, error_item
 from service.http import JSONBytes
 from service.monitoring import Served
 from service.schemas import ErrorResponse, FeedbackRequest, FeedbackResponse
-from service.state import get_state
+from service.state import State
 
 router = APIRouter(tags=["monitoring"])
 
@@ -19,8 +19,7 @@ router = APIRouter(tags=["monitoring"])
     "/v1/feedback", response_model=FeedbackResponse, responses={422: {"model": ErrorResponse}},
     summary="Labels for served request ids (each request id is accepted once)",
 )
-async def feedback(request: Request, body: FeedbackRequest) -> Response:
-    svc = get_state(request)
+async def feedback(svc: State, body: FeedbackRequest) -> Response:
     taken: list[tuple[int, Served]] = []
     unknown: list[str] = []
     for i, outcome in enumerate(body.outcomes):

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter
 from starlette.responses import Response
 
 from service.http import JSONBytes
-from service.state import get_state
+from service.schemas import ReproducibilityReport
+from service.state import State
 
 router = APIRouter(tags=["monitoring"])
 
 
 @router.get(
-    "/v1/monitoring/reproducibility",
+    "/v1/monitoring/reproducibility", response_model=ReproducibilityReport,
     summary="Rolling-window reproducibility: spread, shadow pd_abs/pd_rel vs offline pd_rel, alert",
 )
-async def reproducibility(request: Request) -> Response:
-    svc = get_state(request)
-    if svc.store is None:
-        raise HTTPException(503, "no bundle loaded yet")
-    return JSONBytes(svc.monitor.report(svc.store))
+async def reproducibility(svc: State) -> Response:
+    return JSONBytes(svc.monitor.report(svc))

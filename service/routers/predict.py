@@ -1,23 +1,36 @@
-"""``POST /v1/predict``: score raw instances with the primary bundle (and queue them for the shadow)."""
+"""``POST /v1/predict``: score raw instances with the primary bundle (and queue them for the shadow).
+
+The operation is :func:`score_request`. Two entry points call it: :class:`FastPredict`, a bare ASGI
+endpoint that ``service.http.ObservabilityMiddleware`` hands the path to (the FastAPI route stack
+— exception middleware, router, dependency solving, request object — costs about as much CPU per
+request as the whole one-instance prediction), and the FastAPI route below, which documents the
+operation in the OpenAPI schema and answers when the app is mounted without the middleware.
+"""
 
 from __future__ import annotations
 
+import logging
 import uuid
 from typing import Any
+from urllib.parse import parse_qs
 
-from fastapi import APIRouter, HTTPException, Request
+from fastapi import APIRouter, Request
+from starlette.exceptions import HTTPException
 from starlette.responses import Response
+from starlette.types import Receive, Scope, Send
 
 from service.encoding import ApiError, RequestParser
-from service.http import JSONBytes
+from service.http import JSONBytes, dumps, error_body, http_error_response
 from service.schemas import ErrorResponse, PredictResponse
-from service.state import ServiceState, get_state
+from service.state import ServiceState, State
 
+log = logging.getLogger(__name__)
+PREDICT_PATH = "/v1/predict"
 ERRORS: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorResponse, "description": "malformed JSON"},
+    408: {"model": ErrorResponse, "description": "the request body was not received in time"},
     413: {"model": ErrorResponse, "description": "too many instances or body too large"},
     422: {"model": ErrorResponse, "description": "wrong type, non-finite number or unknown field (with its path)"},
-    503: {"model": ErrorResponse, "description": "no bundle loaded yet"},
 }
 
 
@@ -41,12 +54,9 @@ def flag(value: str | None, name: str) -> bool:
 async def score_request(svc: ServiceState, body: bytes, components: bool) -> tuple[dict[str, Any], dict[str, str]]:
     """The whole predict operation on a request body: (response payload, response headers).
 
-    Raises ApiError / HTTPException for client errors and before a bundle is ready.
+    Raises ApiError for client errors.
     """
-    store = svc.store
-    if store is None or not store.ready:
-        raise HTTPException(503, "no bundle loaded yet")
-    slot = store.primary  # read once: a concurrent reload cannot change this request's model
+    slot = svc.primary  # read once: a concurrent reload cannot change this request's model
     batch = slot.parser.parse(body)
     cat, dense = slot.encoder.encode(batch)
     scores = await svc.engine.score(slot, cat, dense)
@@ -61,10 +71,48 @@ async def score_request(svc: ServiceState, body: bytes, components: bool) -> tup
     svc.monitor.record_primary(scores.component_std)
     # A copy: the scores may be a view into a whole micro-batch, which must not stay alive with it.
     svc.feedback.put(request_id, scores.ctr.copy(), slot.version)
-    if svc.shadow is not None and store.shadow is not None:
-        svc.shadow.submit(slot, batch, cat, dense, scores.ctr)
+    if svc.shadow_scorer is not None and svc.shadow is not None:
+        svc.shadow_scorer.submit(slot, batch, cat, dense, scores.ctr)
     payload = {"request_id": request_id, "model_version": slot.version, "predictions": preds}
     return payload, {"x-request-id": request_id, "x-model-version": slot.version}
+
+
+class FastPredict:
+    """``POST /v1/predict`` answered straight from the ASGI messages, with the route's error bodies."""
+
+    def __init__(self, state: ServiceState) -> None:
+        self.state = state
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        headers: dict[str, str] = {}
+        try:
+            chunks = []
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return  # the client went away: nobody to answer
+                chunks.append(message.get("body", b""))
+                if not message.get("more_body", False):
+                    break
+            components = False
+            query = scope.get("query_string", b"")
+            if query:
+                values = parse_qs(query.decode("latin-1"), keep_blank_values=True).get("components")
+                components = flag(values[-1] if values else None, "components")
+            payload, headers = await score_request(self.state, b"".join(chunks), components)
+            status = 200
+        except ApiError as exc:
+            status, payload = exc.status, exc.body()
+        except HTTPException as exc:
+            status, payload, headers = http_error_response(exc)
+        except Exception:
+            log.exception("unhandled error on POST %s", PREDICT_PATH)
+            status, payload = 500, error_body(500, "internal error (logged on the server)", "internal")
+        body = dumps(payload)
+        raw_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+        raw_headers += [(k.encode(), v.encode()) for k, v in headers.items()]
+        await send({"type": "http.response.start", "status": status, "headers": raw_headers})
+        await send({"type": "http.response.body", "body": body})
 
 
 def build_router(parser: RequestParser) -> APIRouter:
@@ -77,7 +125,7 @@ def build_router(parser: RequestParser) -> APIRouter:
     router = APIRouter(tags=["predict"])
     body_doc = {
         # Documented here, parsed by hand: FastAPI's dependency solving for one boolean costs more
-        # per request than the model's forward pass on one instance (benchmarks/README-serve.md).
+        # per request than the model's forward pass on one instance.
         "parameters": [{
             "name": "components", "in": "query", "required": False,
             "schema": {"type": "boolean", "default": False},
@@ -91,17 +139,15 @@ def build_router(parser: RequestParser) -> APIRouter:
     }
 
     @router.post(
-        "/v1/predict",
+        PREDICT_PATH,
         response_model=PredictResponse,
         responses=ERRORS,
         openapi_extra=body_doc,
         summary="Score instances: ensemble CTR, component spread, model version, request id",
     )
-    async def predict(request: Request) -> Response:
-        # Normally answered by service.http.ObservabilityMiddleware's fast path, which calls
-        # score_request directly; this route documents the operation and serves as the fallback.
+    async def predict(request: Request, svc: State) -> Response:
         components = flag(request.query_params.get("components"), "components")
-        payload, headers = await score_request(get_state(request), await request.body(), components)
+        payload, headers = await score_request(svc, await request.body(), components)
         return JSONBytes(payload, headers=headers)
 
     return router

@@ -1,0 +1,25 @@
+"""benchmarks/README.md quotes the serve benchmark's tables exactly as ``results/serve.json`` gives them."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_serve_readme_agrees_with_serve_json() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_serve
+    finally:
+        sys.path.pop(0)
+    result = json.loads((REPO / "benchmarks" / "results" / "serve.json").read_text())
+    assert set(result["shadow_cost"]) == {f"{n}inst_c{c}" for n in (1, 100) for c in (1, 8, 32)}
+    assert result["load_generator"].startswith("wrk")
+    readme = (REPO / "benchmarks" / "README.md").read_text()
+    assert bench_serve.markdown_tables(result) in readme
+    for name, value in result["figures"].items():
+        assert result["meets_targets"][name] is (
+            value >= bench_serve.TARGETS[name] if name.startswith("instances") else value <= bench_serve.TARGETS[name])

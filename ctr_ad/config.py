@@ -19,12 +19,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ctr_ad.errors import UserError
 from ctr_ad.strict import StrictModel, describe_validation_error, load_yaml_mapping, validate_model
 
 __all__ = ["Config", "describe_validation_error", "load_config", "set_dotted"]
+
+DEFAULT_STRENGTH = 0.1  # λ when a penalty is named without one (gradient-ratio scale)
 
 # Every section shares the one strict base (unknown keys are errors naming the key).
 _Section = StrictModel
@@ -79,6 +81,16 @@ class AntiDistillationConfig(_Section):
         if name != "none" and name not in known:
             raise ValueError(f"unknown penalty {name!r}; choose 'none' or one of {sorted(known)}")
         return name
+
+    @model_validator(mode="before")
+    @classmethod
+    def _documented_strength(cls, data: Any) -> Any:
+        """Naming a penalty alone switches it on at the documented strength (docs/experiments.md):
+        λ = 0.1 on the gradient-ratio scale, i.e. the penalty's gradient is a tenth of the BCE's."""
+        if isinstance(data, dict) and data.get("penalty", "none") != "none" and not {"lambda", "lam"} & data.keys():
+            data = {**data, "lambda": DEFAULT_STRENGTH}
+            data.setdefault("lambda_scale", "gradient_ratio")
+        return data
 
     @property
     def active(self) -> bool:

@@ -185,13 +185,22 @@ def arm_training_config(cfg: ExperimentConfig, arm: ArmSpec, replica: int) -> An
 
 
 def arm_role(kind: str, config: dict[str, Any]) -> str:
-    """linear | single | plain | anti_distillation."""
+    """linear | single | plain | anti_distillation | recipe.
+
+    ``recipe``: an ensemble with a reproducibility lever other than a penalty (weight averaging, a linear
+    anchor, no best-step selection). Such arms are candidates, never the plain baseline they are
+    measured against."""
     if kind == "logreg":
         return "linear"
     if config["model"]["components"] == 1:
         return "single"
     ad = config["anti_distillation"]
-    return AD_ROLE if ad["penalty"] != "none" and ad["lambda"] > 0 else "plain"
+    if ad["penalty"] != "none" and ad["lambda"] > 0:
+        return AD_ROLE
+    train, model = config["train"], config["model"]
+    levers = (model.get("anchor", "none") != "none" or train.get("weight_averaging_epochs", 0) > 0
+              or train.get("best_step_selection", "ensemble") != "ensemble" or ad.get("forward_penalty_batch"))
+    return "recipe" if levers else "plain"
 
 
 def _hash(obj: Any) -> str:

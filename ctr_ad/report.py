@@ -301,29 +301,44 @@ def plot_component_corr(exp_dir: Path, results: dict[str, Any], names: list[str]
 
 
 # --------------------------------------------------------------------------------------------- tables
+# The answer first: pd_rel and logloss (and their ratios to the baseline) before the details, so
+# they are visible at 1280 px without scrolling sideways.
 ARM_COLUMNS = [
     "arm",
     "role",
+    "pd_rel",
+    "pd_rel ÷ baseline",
+    "logloss",
+    "logloss ÷ baseline",
+    "AUC",
     "K",
     "penalty",
     "λ",
     "data order",
     "activation",
-    "logloss",
-    "AUC",
     "calibration",
     "ECE",
     "pd_abs",
-    "pd_rel",
     "pd_rms",
-    "pd_q99",
-    "pd_max",
+    "|Δp| q99",
+    "|Δp| max",
 ]
+
+
+def _ratio_to(arm: dict[str, Any], base: dict[str, Any] | None, key: str) -> str:
+    if base is None:
+        return "n/a"
+    node = "pd" if key == "pd_rel" else "accuracy"
+    value, ref = arm[node][key]["mean"], base[node][key]["mean"]
+    if value is None or ref is None or ref == 0:
+        return "n/a"
+    return f"{value / ref:.2f}" if key == "pd_rel" else f"{value / ref:.4f}"
 
 
 def arms_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     churn = [k for k in next(iter(results["arms"].values()))["pd"] if k.startswith("churn")]
     header = [*ARM_COLUMNS, *churn, "spearman", "component corr", "component spread", "wall s / replica"]
+    base = results["arms"].get(results.get("baseline") or "")
     rows = []
     for n, a in sorted(results["arms"].items(), key=lambda kv: _pd_rel(kv[1])):
         acc, pd, comp = a["accuracy"], a["pd"], a["component"]
@@ -331,17 +346,19 @@ def arms_table(results: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
             [
                 n,
                 a["role"].replace("_", "-"),
+                _pm(pd["pd_rel"]),
+                _ratio_to(a, base, "pd_rel"),
+                _pm(acc["logloss"], 5),
+                _ratio_to(a, base, "logloss"),
+                _pm(acc["auc"]),
                 str(a["components"]),
                 a["penalty"],
                 f"{a['lambda']:g}",
                 a["data_order"],
                 a["activation"],
-                _pm(acc["logloss"], 5),
-                _pm(acc["auc"]),
                 _pm(acc["calibration"], 3),
                 _pm(acc["ece"]),
                 _pm(pd["pd_abs"]),
-                _pm(pd["pd_rel"]),
                 _pm(pd["pd_rms"]),
                 _pm(pd["pd_q99"]),
                 _pm(pd["pd_max"]),

@@ -10,7 +10,7 @@ import numpy as np
 import polars as pl
 import pytest
 import torch
-from helpers_train import ingested_8k, small_config
+from helpers_train import DEMO_CONFIG, ingested_8k, small_config
 
 from ctr_ad import bundle as bundle_mod
 from ctr_ad.averaging import WeightAverager
@@ -116,3 +116,14 @@ def test_penalty_pass_has_no_dropout() -> None:
     a, b = model(cat, dense, dropout=False), model(cat, dense, dropout=False)
     assert torch.equal(a, b)  # deterministic: no dropout mask was drawn
     assert not torch.equal(model(cat, dense), model(cat, dense))
+
+
+def test_naming_a_penalty_switches_it_on_at_the_documented_strength() -> None:
+    from ctr_ad.config import DEFAULT_STRENGTH, load_config
+
+    cfg = load_config(DEMO_CONFIG, ["anti_distillation.penalty=kernel_repulsion"])
+    ad = cfg.anti_distillation
+    assert ad.active and ad.lam == DEFAULT_STRENGTH and ad.lambda_scale == "gradient_ratio"
+    explicit = load_config(DEMO_CONFIG, ["anti_distillation.penalty=kernel_repulsion", "anti_distillation.lambda=0.5"])
+    assert explicit.anti_distillation.lam == 0.5 and explicit.anti_distillation.lambda_scale == "absolute"
+    assert not load_config(DEMO_CONFIG).anti_distillation.active

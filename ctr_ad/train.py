@@ -75,6 +75,9 @@ from ctr_ad.penalties import penalty_value
 
 logger = logging.getLogger(__name__)
 
+# Linear anchors fitted in this process, by (data fingerprint, anchor_C): replicas share them.
+_ANCHOR_CACHE: dict[tuple[str | None, float | None], Any] = {}
+
 # Config keys that may change between a run and its resume (they do not change the math).
 RESUME_FREE_KEYS = {("train", "device"), ("train", "progress"), ("train", "threads")}
 
@@ -343,13 +346,19 @@ class Trainer:
         random.seed(derive_seed(t.seed_data, ctx.rank, 11))
 
     def _fit_anchor(self, model: EnsembleCTR) -> None:
-        """Fit the frozen linear anchor (deterministic: L-BFGS on the full training split) and record it."""
+        """Fit the frozen linear anchor (deterministic: L-BFGS on the full training split) and record it.
+
+        The fit depends only on the data and ``anchor_C``, so a process reuses it across replicas."""
         import polars as pl
 
         from ctr_ad.linear import fit_linear
 
-        valid = pl.read_parquet(self.data.valid) if self.data.valid.is_file() else None
-        fit = fit_linear(pl.read_parquet(self.data.train), valid, self.features, self.cfg.model.anchor_C)
+        key = (self.fingerprint, self.cfg.model.anchor_C)
+        fit = _ANCHOR_CACHE.get(key) if self.fingerprint else None
+        if fit is None:
+            valid = pl.read_parquet(self.data.valid) if self.data.valid.is_file() else None
+            fit = fit_linear(pl.read_parquet(self.data.train), valid, self.features, self.cfg.model.anchor_C)
+            _ANCHOR_CACHE[key] = fit
         if not fit.converged:
             logger.warning(f"the linear anchor (C={fit.C:g}) did not converge in {fit.iterations} iterations")
         model.set_anchor(torch.from_numpy(fit.cat_weight), torch.from_numpy(fit.dense_weight), fit.intercept)

@@ -502,13 +502,21 @@ def write_report(exp_dir: str | Path) -> Path:
 
     sections: list[tuple[str, str]] = []
     sections.append(("Summary", "<div class='verdict'>" + "<br>".join(lines) + "</div>"))
-    sections.append(("How to read this report", _html_table(["term", "meaning"], GLOSSARY)))
+    if results.get("confirmation"):
+        c_header, c_rows = arms_table({"arms": results["confirmation"], "baseline": base})
+        sections.append(
+            (
+                "Confirmation round (fresh seeds; the verdict's test figures)",
+                f"<div class='scroll'>{_html_table(c_header, c_rows, highlight)}</div>",
+            )
+        )
     sections.append(
         (
-            "Arms (sorted by pd_rel; best arm in yellow, baseline in blue)",
+            "Arms (chosen on validation rows; test figures, sorted by pd_rel; best arm in yellow, baseline in blue)",
             f"<div class='scroll'>{_html_table(header, rows, highlight)}</div>",
         )
     )
+    sections.append(("How to read this report", _html_table(["term", "meaning"], GLOSSARY)))
     img = plot_pd_vs_lambda(results)
     if img:
         sections.append(("PD against λ per penalty", _img(img, "pd_rel against lambda")))

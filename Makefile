@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # The CPU build of torch; override e.g. TORCH_SPEC='torch==2.13.0' --index-url ... for a CUDA host.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test lint bench bench-ingest bench-train bench-serve clean
+.PHONY: venv demo test lint bench bench-ingest bench-train bench-train-quick bench-threads bench-serve clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +26,21 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
-bench: bench-ingest bench-train bench-serve
+bench: bench-ingest bench-train bench-threads bench-serve
 
 bench-ingest: venv
 	$(PY) benchmarks/bench_ingest.py
 
+# Full K x batch table with deepctr-torch (~10 min on an idle 2-core VM; longer on a shared one).
 bench-train: venv
 	$(PY) benchmarks/bench_train.py
+
+bench-train-quick: venv
+	$(PY) benchmarks/bench_train.py --quick
+
+# The chosen intra-op thread count against every fixed count, alone and beside two busy jobs.
+bench-threads: venv
+	$(PY) benchmarks/bench_threads.py
 
 bench-serve: venv
 	$(PY) benchmarks/bench_serve.py

@@ -10,7 +10,7 @@ first ``ctr-ad train``) is run with:
   work per step and this machine's CPUs (what ``train`` does once it calls ``apply_threads``).
 
 in two conditions: ``alone``, and ``busy``, beside two CPU-bound jobs of equal priority (two
-``while True: pass`` processes). Each run is its own process (``--child``) that times ``train()``
+pure-Python busy loops). Each run is its own process (``--child``) that times ``train()``
 itself, so interpreter start-up and imports are outside the figure (the process wall time is stored
 too). Variants are interleaved round-robin (rotated each round) so a noisy phase hits all of them;
 min/median/max over ``--repeats`` rounds are stored. Target: in each condition the default's median
@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -43,7 +44,8 @@ RESULTS = ROOT / "benchmarks" / "results" / "threads.json"
 DEMO_CONFIG = ROOT / "pipelines" / "configs" / "demo.yaml"
 SAMPLE = ROOT / "data" / "criteo-kaggle-8k"
 TARGET_RATIO = 1.25
-BUSY_CODE = "while True: pass"
+# A CPU-bound loop that exits once its parent is gone, so a killed benchmark leaves no spinning orphan.
+BUSY_CODE = "import os\nparent = os.getppid()\nwhile os.getppid() == parent:\n    for _ in range(200_000): pass"
 
 
 def child_env() -> dict[str, str]:
@@ -142,6 +144,10 @@ def stats(values: list[float]) -> dict[str, float]:
 
 
 # --------------------------------------------------------------------------------------- main
+def _terminate(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)  # unwinds the ``with BusyJobs`` blocks, which kill the jobs
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=3)
@@ -161,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out = args.out_run
         return child(args)
 
+    signal.signal(signal.SIGTERM, _terminate)
     overrides = list(args.set)
     if args.quick:
         args.repeats = 1

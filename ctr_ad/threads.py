@@ -234,16 +234,19 @@ def thread_choice(
     root: str | Path = "/",
     affinity: int | None = None,
     min_work_per_thread: float = MIN_WORK_PER_THREAD,
+    processes: int = 1,
 ) -> ThreadChoice:
     """The intra-op thread count for ``work_per_step`` FLOPs per step, with the reasons.
 
     ``cpus`` overrides the detected CPU count (tests, or a caller that knows better); otherwise it is
-    :func:`available_cpus` (``root``, ``affinity`` as there). ``work_per_step`` None means unknown:
-    every available CPU.
+    :func:`available_cpus` (``root``, ``affinity`` as there). ``processes``: how many processes of this
+    job share those CPUs (``LOCAL_WORLD_SIZE`` under torchrun, ``--workers`` of the service); each gets
+    an equal share, at least 1. ``work_per_step`` None means unknown: every CPU of the share.
     """
     aff = affinity if affinity is not None else _affinity()
     limit = cgroup_cpu_limit(root) if cpus is None else None
     available = max(int(cpus), 1) if cpus is not None else _cap(aff, limit)
+    available = max(available // max(int(processes), 1), 1)
     if work_per_step is None:
         threads, reason = available, "work unknown: every available CPU"
     else:
@@ -263,10 +266,19 @@ def choose_threads(
     root: str | Path = "/",
     affinity: int | None = None,
     min_work_per_thread: float = MIN_WORK_PER_THREAD,
+    processes: int = 1,
 ) -> int:
-    """``min(available CPUs, work_per_step // min_work_per_thread)``, at least 1 (see :func:`thread_choice`)."""
+    """``min(available CPUs / processes, work_per_step // min_work_per_thread)``, at least 1.
+
+    See :func:`thread_choice` for the arguments.
+    """
     return thread_choice(
-        work_per_step, cpus=cpus, root=root, affinity=affinity, min_work_per_thread=min_work_per_thread
+        work_per_step,
+        cpus=cpus,
+        root=root,
+        affinity=affinity,
+        min_work_per_thread=min_work_per_thread,
+        processes=processes,
     ).threads
 
 
@@ -276,6 +288,7 @@ def apply_threads(
     *,
     cpus: int | None = None,
     root: str | Path = "/",
+    processes: int = 1,
     environ: dict[str, str] | None = None,
 ) -> int:
     """Set torch's intra-op threads and return the count set.
@@ -289,7 +302,11 @@ def apply_threads(
 
     if config_threads is not None and config_threads < 1:
         raise ValueError(f"threads={config_threads}: expected a positive integer")
-    n = config_threads or _env_threads(environ) or choose_threads(work_per_step, cpus=cpus, root=root)
+    n = (
+        config_threads
+        or _env_threads(environ)
+        or choose_threads(work_per_step, cpus=cpus, root=root, processes=processes)
+    )
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
     return n

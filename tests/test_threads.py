@@ -33,8 +33,14 @@ def v2_root(tmp_path: Path, cpu_max: str, cgroup: str = "/", mount: str = "sys/f
     return tmp_path
 
 
-def v1_root(tmp_path: Path, quota: int, period: int = 100_000, cgroup: str = "/",
-            mount: str = "sys/fs/cgroup/cpu,cpuacct", controllers: str = "cpu,cpuacct") -> Path:
+def v1_root(
+    tmp_path: Path,
+    quota: int,
+    period: int = 100_000,
+    cgroup: str = "/",
+    mount: str = "sys/fs/cgroup/cpu,cpuacct",
+    controllers: str = "cpu,cpuacct",
+) -> Path:
     write(tmp_path, "proc/self/cgroup", f"12:memory:/x\n4:{controllers}:{cgroup}\n0::/\n")
     base = f"{mount}/{cgroup.strip('/')}".rstrip("/")
     write(tmp_path, f"{base}/cpu.cfs_quota_us", f"{quota}\n")
@@ -121,14 +127,17 @@ def test_real_machine_does_not_raise() -> None:
 def test_step_flops_counts_mlp_matmuls() -> None:
     # widths 2*3+1 = 7 -> 4 -> 1: 28 + 4 = 32 MACs; x2 FLOPs x3 (fwd+bwd) x K=2 x batch 10
     assert step_flops(n_fields=2, n_dense=1, embedding_dim=3, mlp=[4], components=2, batch=10) == 32 * 2 * 3 * 2 * 10
-    assert step_flops(n_fields=2, n_dense=1, embedding_dim=3, mlp=[4], components=2, batch=10,
-                      training=False) == 32 * 2 * 2 * 10
+    assert (
+        step_flops(n_fields=2, n_dense=1, embedding_dim=3, mlp=[4], components=2, batch=10, training=False)
+        == 32 * 2 * 2 * 10
+    )
 
 
 def test_model_step_flops_matches_config() -> None:
     cfg = ModelConfig(components=4, embedding_dim=8, mlp=[64, 32])
     assert model_step_flops(cfg, 26, 13, 256) == step_flops(
-        n_fields=26, n_dense=13, embedding_dim=8, mlp=[64, 32], components=4, batch=256)
+        n_fields=26, n_dense=13, embedding_dim=8, mlp=[64, 32], components=4, batch=256
+    )
 
 
 def test_demo_step_is_single_threaded_and_large_step_uses_every_cpu() -> None:
@@ -180,3 +189,10 @@ def test_bad_env_value(restore_threads, bad: str) -> None:
 def test_bad_config_value(restore_threads) -> None:
     with pytest.raises(ValueError):
         apply_threads(0, 1e3, cpus=2)
+
+
+def test_processes_share_the_cpus(tmp_path: Path) -> None:
+    root = v2_root(tmp_path, "max 100000")
+    assert choose_threads(1e12, root=root, affinity=8, processes=2) == 4
+    assert choose_threads(1e12, root=root, affinity=8, processes=3) == 2
+    assert choose_threads(1e12, cpus=2, processes=4) == 1

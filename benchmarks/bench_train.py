@@ -400,9 +400,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="smoke run: K=1,2, batch 512, 2 steps, 1 window")
     p.add_argument("--check", action="store_true",
                    help="exit 1 when a measured target is missed or its row is impossible")
+    p.add_argument("--threads", type=int, default=None,
+                   help="torch intra-op threads for every variant and the roofline (default: torch's, all cores)")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         args.ks, args.batches, args.repeats = [1, 2], [512], 1
     default_out = RESULTS / ("train.json" if device.type == "cpu" else f"train-{device.type}.json")
@@ -412,7 +416,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, Any]] = []
     protocol: dict[str, Any] = {}
     for batch in args.batches:
-        steps = args.steps or (20 if device.type == "cuda" else max(4, 16384 // batch))
+        steps = args.steps or (20 if device.type == "cuda" else max(4, 8192 // batch))
         warmup = args.warmup or max(2, steps // 4)
         if args.quick:
             steps, warmup = 2, 1

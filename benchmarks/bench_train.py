@@ -335,6 +335,9 @@ def make_row(k: int, batch: int, device: torch.device, cell: dict[str, Any]) -> 
         "vectorized_over_loop": _ratio(vec, s["loop"]),
         "vectorized_over_deepctr": _ratio(vec, s.get("deepctr")),
         "penalty_over_plain": _ratio(s.get("vectorized_with_penalty"), vec),
+        # our slowest window over the baseline's fastest: a bound that load cannot inflate
+        "vectorized_over_loop_worst": vec["min"] / s["loop"]["max"],
+        "vectorized_over_deepctr_worst": vec["min"] / s["deepctr"]["max"] if "deepctr" in s else None,
         "model_gflops": vec["median"] * per_ex / 1e9,
         # median over median; and best window over best window (the quietest moments of each)
         "roofline_fraction": vec["median"] * per_ex / 1e9 / roof["median"],

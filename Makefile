@@ -31,7 +31,7 @@ bench: bench-ingest bench-train bench-threads bench-serve
 bench-ingest: venv
 	$(PY) benchmarks/bench_ingest.py
 
-# Full K x batch table with deepctr-torch (~10 min on an idle 2-core VM; longer on a shared one).
+# Full K x batch table with deepctr-torch: 21 min on the shared 2-core VM at load 5-10 (8.5 min with --threads 1).
 bench-train: venv
 	$(PY) benchmarks/bench_train.py
 

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # the recipe so that the shell splits it: pip gets the requirement and each option as separate arguments.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test lint bench bench-ingest bench-train bench-serve clean
+.PHONY: venv demo test lint bench bench-ingest bench-train bench-train-quick bench-threads bench-serve clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,13 +27,21 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
-bench: bench-ingest bench-train bench-serve
+bench: bench-ingest bench-train bench-threads bench-serve
 
 bench-ingest: venv
 	$(PY) benchmarks/bench_ingest.py
 
+# Full K x batch table with deepctr-torch: 21 min on the shared 2-core VM at load 5-10 (8.5 min with --threads 1).
 bench-train: venv
 	$(PY) benchmarks/bench_train.py
+
+bench-train-quick: venv
+	$(PY) benchmarks/bench_train.py --quick
+
+# The chosen intra-op thread count against every fixed count, alone and beside two busy jobs.
+bench-threads: venv
+	$(PY) benchmarks/bench_threads.py
 
 # bench-serve drives the server with wrk (apt-get install wrk): a C client, so the load generator
 # takes little of the CPU the server is measured on.

@@ -15,7 +15,7 @@ import statistics
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
 from importlib import metadata
 from pathlib import Path
@@ -163,6 +163,32 @@ def run_measured(cmd: Sequence[str], *, cwd: Path | None = None, env: dict[str, 
 
 def median(values: Iterable[float]) -> float:
     return float(statistics.median(list(values)))
+
+
+def spread(values: Iterable[float]) -> dict[str, float]:
+    """min / median / max of repeated measurements (what every benchmark stores, not just the median)."""
+    v = [float(x) for x in values]
+    return {"min": min(v), "median": float(statistics.median(v)), "max": max(v), "n": len(v)}
+
+
+def interleaved_windows(variants: dict[str, Callable[[int], float]], warmup: Callable[[str], None],
+                        rounds: int) -> dict[str, list[float]]:
+    """Run every variant's timing window once per round, round-robin, rotating the order each round.
+
+    ``warmup(name)`` is called for every variant (same order) before the first round, outside any
+    timed window. ``variants[name](round)`` runs one timed window and returns its figure. Rotating the
+    order means no variant always runs first (cold caches) or last (after the others heated the CPU),
+    and a slow phase of a shared machine hits every variant alike instead of one variant's windows.
+    """
+    names = list(variants)
+    for name in names:
+        warmup(name)
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        shift = r % len(names) if names else 0
+        for name in names[shift:] + names[:shift]:
+            out[name].append(variants[name](r))
+    return out
 
 
 # --------------------------------------------------------------------------------------- output

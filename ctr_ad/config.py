@@ -127,7 +127,7 @@ class TrainConfig(_Section):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     progress: bool = Field(True, description="tqdm bar (only shown on a tty)")
-    threads: int | None = Field(None, ge=1, description="torch CPU threads (None = torch default)")
+    threads: int | None = Field(None, ge=1, description="torch CPU threads (None: chosen from work and CPUs)")
     weight_averaging_epochs: float = Field(
         0.0, ge=0.0, description="exponential moving average of the weights over this many epochs (0 = off); "
         "evaluation, best-step selection and the bundle use the averaged weights"

@@ -462,6 +462,7 @@ def _replica_task(args: tuple[Any, ...]) -> tuple[str, int, dict[str, Any], bool
     import torch
 
     data_dir, exp_dir, cfg, arm, replica, device = args
+    os.environ["CTR_AD_THREADS"] = "1"  # the trainer's own choice would oversubscribe the shared cores
     torch.set_num_threads(1)
     metrics, skipped = run_replica(data_dir, exp_dir, cfg, arm, replica, device)
     return arm.name, replica, metrics, skipped

@@ -72,6 +72,7 @@ from ctr_ad.losses import lambda_at, summed_bce
 from ctr_ad.model import EnsembleCTR
 from ctr_ad.optim import build_optimizers, build_schedulers, clip_grad_norm
 from ctr_ad.penalties import penalty_value
+from ctr_ad.threads import apply_threads, model_step_flops
 
 logger = logging.getLogger(__name__)
 
@@ -229,8 +230,7 @@ class Trainer:
             self.device = torch.device("cuda", self.ctx.local_rank)
         self.verbose = verbose and self.ctx.is_main
         set_determinism(self.t.deterministic)
-        if self.t.threads:
-            torch.set_num_threads(self.t.threads)
+        self._choose_threads()
         checkpoint = self._prepare_run_dir(resume)
         self._build_data()
         self._build_model(fit_anchor=checkpoint is None)
@@ -241,6 +241,16 @@ class Trainer:
             self._restore(checkpoint)
         elif self.ctx.is_main:
             self.run.metrics.unlink(missing_ok=True)
+
+    def _choose_threads(self) -> None:
+        """Intra-op threads from the work of one step and the CPUs this process may use (cgroup quota,
+        affinity, shared between local ranks): small models gain nothing from a second thread and fall
+        off a cliff on a busy host. ``train.threads`` or ``CTR_AD_THREADS`` override the choice."""
+        work = model_step_flops(self.cfg.model, len(self.features.categorical_columns),
+                                len(self.features.dense_columns), self.t.batch_size)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        threads = apply_threads(self.t.threads, work, processes=local)
+        self._say(f"{threads} intra-op thread(s) for about {work:.2g} FLOP per step")
 
     def _say(self, msg: str) -> None:
         if self.verbose:

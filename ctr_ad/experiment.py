@@ -494,8 +494,12 @@ def _run_replicas(
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
 
+    from ctr_ad.ingest.lifecycle import die_with_parent
+
     tasks = [(data_dir, exp_dir, cfg, arm, r, device) for arm, r in todo]
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    # Workers die with the experiment (kill -9 included) instead of training on as orphans.
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=die_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         for name, r, metrics, _ in pool.map(_replica_task, tasks):
             _log_replica(name, r, replicas, metrics)
             counts["trained"] += 1

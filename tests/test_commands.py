@@ -25,6 +25,7 @@ EXPERIMENT = {
         "train": {"batch_size": 512, "epochs": 1, "early_stopping_patience": None, "threads": 1, "device": "cpu"},
     },
     "replicas": 2,
+    "confirm": False,  # the confirmation round is tested in test_experiment.py
     "arms": [{"name": "plain-shared"}, {"name": "logreg", "kind": "logreg", "max_iter": 50}],
 }
 

@@ -486,6 +486,28 @@ def summary_lines(results: dict[str, Any], v: Verdict | None) -> list[str]:
     return lines
 
 
+def _first_screen(results: dict[str, Any], lines: list[str], header: list[str], rows: list[list[str]],
+                  highlight: dict[str, str]) -> list[tuple[str, str]]:
+    """The sections a reader sees first: the verdict, the confirmation round, the arms, the glossary."""
+    sections = [("Summary", "<div class='verdict'>" + "<br>".join(lines) + "</div>")]
+    if results.get("confirmation"):
+        c_header, c_rows = arms_table({"arms": results["confirmation"], "baseline": results.get("baseline")})
+        sections.append(
+            (
+                "Confirmation round (fresh seeds; the verdict's test figures)",
+                f"<div class='scroll'>{_html_table(c_header, c_rows, highlight)}</div>",
+            )
+        )
+    sections.append(
+        (
+            "Arms (chosen on validation rows; test figures, sorted by pd_rel; best arm in yellow, baseline in blue)",
+            f"<div class='scroll'>{_html_table(header, rows, highlight)}</div>",
+        )
+    )
+    sections.append(("How to read this report", _html_table(["term", "meaning"], GLOSSARY)))
+    return sections
+
+
 def write_report(exp_dir: str | Path) -> Path:
     """Write ``report.html`` and ``report.md`` into ``exp_dir``; returns the HTML path."""
     exp_dir = Path(exp_dir)
@@ -500,23 +522,7 @@ def write_report(exp_dir: str | Path) -> Path:
 
     lines = summary_lines(results, v)
 
-    sections: list[tuple[str, str]] = []
-    sections.append(("Summary", "<div class='verdict'>" + "<br>".join(lines) + "</div>"))
-    if results.get("confirmation"):
-        c_header, c_rows = arms_table({"arms": results["confirmation"], "baseline": base})
-        sections.append(
-            (
-                "Confirmation round (fresh seeds; the verdict's test figures)",
-                f"<div class='scroll'>{_html_table(c_header, c_rows, highlight)}</div>",
-            )
-        )
-    sections.append(
-        (
-            "Arms (chosen on validation rows; test figures, sorted by pd_rel; best arm in yellow, baseline in blue)",
-            f"<div class='scroll'>{_html_table(header, rows, highlight)}</div>",
-        )
-    )
-    sections.append(("How to read this report", _html_table(["term", "meaning"], GLOSSARY)))
+    sections = _first_screen(results, lines, header, rows, highlight)
     img = plot_pd_vs_lambda(results)
     if img:
         sections.append(("PD against λ per penalty", _img(img, "pd_rel against lambda")))

@@ -16,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import scipy.sparse as sp
 import torch
-from helpers_train import DEMO_CONFIG, PYTHON, ingested_8k, small_config, subprocess_env
+from helpers_train import DEMO_CONFIG, PYTHON, ingested_8k, reseal_manifest, small_config, subprocess_env
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import roc_auc_score
 from sklearn.preprocessing import OneHotEncoder
@@ -312,6 +312,7 @@ def test_stream_loader_trains(tmp_path: Path, data_dir: Path) -> None:
     stream_dir = tmp_path / "data"
     shutil.copytree(data_dir, stream_dir)
     pq.write_table(pq.read_table(data_dir / "train.parquet"), stream_dir / "train.parquet", row_group_size=1000)
+    reseal_manifest(stream_dir)
     cfg = small_config(data__loader="stream", data__stream_buffer_rows=2500, data__eval_batch_size=100)
     result = train(stream_dir, cfg, tmp_path / "run", log=False)
     assert result.test_metrics is not None and math.isfinite(result.test_metrics["logloss"])

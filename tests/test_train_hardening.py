@@ -16,7 +16,15 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
-from helpers_train import CRITEO_8K, DEMO_CONFIG, PYTHON, ingested_8k, small_config, subprocess_env
+from helpers_train import (
+    CRITEO_8K,
+    DEMO_CONFIG,
+    PYTHON,
+    ingested_8k,
+    reseal_manifest,
+    small_config,
+    subprocess_env,
+)
 from safetensors.torch import load_file, save_file
 
 from ctr_ad import checkpoint
@@ -83,10 +91,7 @@ def test_one_class_training_data_warns_and_json_output_has_no_bare_nan(data_dir:
     for split in ("train", "valid", "test"):
         path = one_class / f"{split}.parquet"
         pl.read_parquet(path).with_columns(pl.lit(0.0, pl.Float32).alias("label")).write_parquet(path)
-    manifest = json.loads((one_class / "manifest.json").read_text())
-    for name in manifest["outputs"]:  # re-seal the edited files, as an ingest of such a log would
-        manifest["outputs"][name] = hashlib.sha256((one_class / name).read_bytes()).hexdigest()
-    (one_class / "manifest.json").write_text(json.dumps(manifest))
+    reseal_manifest(one_class)
     proc = cli(*train_args(one_class, tmp_path / "run"))
     assert proc.returncode == 0, proc.stderr
     assert "every label is 0" in proc.stderr

@@ -71,6 +71,11 @@ def fit_logreg(x: sparse.csr_matrix, y: np.ndarray, C: float, max_iter: int = 10
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
+    if np.unique(y).size < 2:
+        # One label value (the trainer has warned): the optimum is a constant at the clipped base rate.
+        rate = float(np.clip(np.mean(y), 1e-4, 1 - 1e-4)) if y.size else 0.5
+        return LinearFit(C=C, intercept=float(np.log(rate / (1 - rate))), cat_weight=np.zeros(x.shape[1]),
+                         dense_weight=np.zeros(0), iterations=0, converged=True)
     model = warm_from if warm_from is not None else LogisticRegression(solver="lbfgs", tol=1e-6, warm_start=True)
     model.set_params(C=C, max_iter=max_iter)
     # One BLAS/OpenMP thread: on a busy or shared host the library's spinning worker threads made a fit

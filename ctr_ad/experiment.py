@@ -577,9 +577,10 @@ def run_experiment(
     run.update(counts, wall_s=time.perf_counter() - t0, finished_at=utc_timestamp())
     results = write_results(exp_dir, data_dir, cfg, summaries, run, confirmation or None)
     v = results["verdict"]
+    ratio = "n/a" if v["pd_rel_ratio"] is None else f"{v['pd_rel_ratio']:.3f}"
+    ci = "" if not v["pd_rel_ratio_ci"] else " [{:.3f}, {:.3f}]".format(*v["pd_rel_ratio_ci"])
     logger.info(f"done: {counts['trained']} trained, {counts['skipped']} skipped, {run['wall_s']:.1f}s; recipe arm "
-                f"{v['recipe_arm']}: pd_rel × {v['pd_rel_ratio']} {v['pd_rel_ratio_ci']} ({v['call']}) vs "
-                f"{v['baseline_arm']}")
+                f"{v['recipe_arm']}: pd_rel × {ratio}{ci} ({v['call']}) vs {v['baseline_arm']}")
     return results
 
 

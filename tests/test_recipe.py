@@ -50,7 +50,8 @@ def test_averaged_training_is_deterministic_and_bundles_the_average(data_dir: Pa
     train(data_dir, cfg, tmp_path / "b", deterministic=True, log=False)
     wa = (tmp_path / "a" / "bundle" / "model.safetensors").read_bytes()
     assert wa == (tmp_path / "b" / "bundle" / "model.safetensors").read_bytes()
-    plain = train(data_dir, small_config(), tmp_path / "plain", deterministic=True, log=False)
+    plain = train(data_dir, small_config(train__weight_averaging_epochs=0.0), tmp_path / "plain", deterministic=True,
+                  log=False)
     assert wa != (tmp_path / "plain" / "bundle" / "model.safetensors").read_bytes()
     assert a.test is not None and a.test_metrics is not None
     assert abs(a.test_metrics["logloss"] - plain.test_metrics["logloss"]) < 0.02  # averaging costs no accuracy
@@ -83,7 +84,8 @@ def test_anchor_is_the_converged_linear_model_and_survives_the_bundle(data_dir: 
 
 
 def test_auto_anchor_chooses_C_on_validation(data_dir: Path, tmp_path: Path) -> None:
-    train(data_dir, small_config(model__anchor="logreg", train__epochs=1), tmp_path / "r", log=False)
+    train(data_dir, small_config(model__anchor="logreg", model__anchor_C="null", train__epochs=1), tmp_path / "r",
+          log=False)
     record = json.loads((tmp_path / "r" / "anchor.json").read_text())
     losses = {row["C"]: row["valid_logloss"] for row in record["c_search"]}
     assert record["C"] == min(losses, key=losses.get) and len(losses) >= 4

@@ -110,4 +110,7 @@ def test_demo_pipeline_is_valid() -> None:
     for ds in cfg.datasets:
         exp = load_experiment_config(base / (ds.experiment or cfg.experiment))
         assert exp.replicas == 3
-        assert {a.name for a in exp.all_arms()} >= {"single", "plain-shared", "plain-indep", "logreg"}
+        # every demo experiment weighs the recipe and an anti-distillation arm against plain-indep
+        names = {a.name for a in exp.all_arms()}
+        assert {"plain-indep", "recipe-anchor-avg1", "ad-ncl_logit", "logreg"} <= names
+        assert exp.confirm

@@ -31,17 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from ctr_ad.train import TrainingInterrupted, train
 
-    cfg = load_config(args.config, args.overrides)
+    # The convenience flags are spelled as the --set overrides they stand for: one override path.
+    shorthands = {"train.device": args.device, "train.deterministic": True if args.deterministic else None,
+                  "train.progress": False if args.no_progress else None}
+    overrides = [*args.overrides, *(f"{k}={str(v).lower()}" for k, v in shorthands.items() if v is not None)]
+    cfg = load_config(args.config, overrides)
     try:
-        result = train(
-            args.data,
-            cfg,
-            args.out,
-            resume=args.resume,
-            device=args.device,
-            deterministic=True if args.deterministic else None,
-            progress=False if args.no_progress else None,
-        )
+        result = train(args.data, cfg, args.out, resume=args.resume)
     except TrainingInterrupted as exc:
         print(f"ctr-ad train: {exc}", file=sys.stderr)
         return 143

@@ -82,10 +82,6 @@ class Verdict(_Document):
     ad_call: str | None = None
     ad_goal_met: bool = False
 
-    @property
-    def best_arm(self) -> str | None:
-        return self.recipe_arm
-
 
 class OfflineMetrics(_Document):
     """What the pipeline publishes beside the live bundle; ``pd_rel`` is the PD expected between two

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -61,8 +61,9 @@ class LinearFit:
 
     def record(self) -> dict[str, Any]:
         """What a run stores about the fit (no arrays)."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("cat_weight", "dense_weight", "estimator")}
-        return out
+        # Field by field: asdict() would deep-copy the weight arrays and the fitted estimator first.
+        skip = {"cat_weight", "dense_weight", "estimator"}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip}
 
 
 def fit_logreg(x: sparse.csr_matrix, y: np.ndarray, C: float, max_iter: int = 1000, warm_from: Any = None) -> LinearFit:

@@ -28,6 +28,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 __all__ = [
     "ENV_THREADS",
@@ -259,27 +260,13 @@ def thread_choice(
     return ThreadChoice(threads, available, aff, limit, work_per_step, reason)
 
 
-def choose_threads(
-    work_per_step: float | None = None,
-    *,
-    cpus: int | None = None,
-    root: str | Path = "/",
-    affinity: int | None = None,
-    min_work_per_thread: float = MIN_WORK_PER_THREAD,
-    processes: int = 1,
-) -> int:
+def choose_threads(work_per_step: float | None = None, **options: Any) -> int:
     """``min(available CPUs / processes, work_per_step // min_work_per_thread)``, at least 1.
 
-    See :func:`thread_choice` for the arguments.
+    ``options`` are those of :func:`thread_choice` (``cpus``, ``root``, ``affinity``,
+    ``min_work_per_thread``, ``processes``).
     """
-    return thread_choice(
-        work_per_step,
-        cpus=cpus,
-        root=root,
-        affinity=affinity,
-        min_work_per_thread=min_work_per_thread,
-        processes=processes,
-    ).threads
+    return thread_choice(work_per_step, **options).threads
 
 
 def apply_threads(

@@ -60,6 +60,7 @@ from tqdm import tqdm
 from ctr_ad import bundle as bundle_mod
 from ctr_ad import checkpoint as ckpt
 from ctr_ad import distributed as dist_mod
+from ctr_ad.artifacts import write_document
 from ctr_ad.averaging import WeightAverager
 from ctr_ad.config import Config, load_config
 from ctr_ad.data import Batch, MemoryBatches, PlanSpec, StreamBatches, TensorData, derive_seed, load_split
@@ -373,7 +374,7 @@ class Trainer:
             logger.warning(f"the linear anchor (C={fit.C:g}) did not converge in {fit.iterations} iterations")
         model.set_anchor(torch.from_numpy(fit.cat_weight), torch.from_numpy(fit.dense_weight), fit.intercept)
         if self.ctx.is_main:
-            (self.run.root / "anchor.json").write_text(json.dumps(finite_or_none(fit.record()), indent=1))
+            write_document(self.run.root / "anchor.json", fit.record())
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
         self.model.load_state_dict(checkpoint["model"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
+from itertools import repeat
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,8 @@ class FeatureProcessor:
         self._counter: CategoryCounter | None = None
         self._stats: DenseStats | None = None
         self._stale = False
-        self._lookup: dict[str, dict[str, int]] = {}
+        self._lookup: dict[str, dict[str | None, int]] = {}
+        self._lookup_moments: tuple[np.ndarray, np.ndarray] | None = None
         self._lookup_enums: dict[str, pl.Enum] = {}
 
     def __repr__(self) -> str:
@@ -201,6 +203,7 @@ class FeatureProcessor:
             self._vocab = {f: self._counter.vocab(f, self.min_count) for f in self.categorical}
             self._dense_stats = self._stats.result()
             self._lookup.clear()
+            self._lookup_moments = None
             self._lookup_enums.clear()
             self._stale = False
 
@@ -233,14 +236,26 @@ class FeatureProcessor:
         return [*self.dense, *self.categorical]
 
     # ----------------------------------------------------------------------------- transform
-    def _table(self, f: str) -> dict[str, int]:
+    def _table(self, f: str) -> dict[str | None, int]:
         self._refresh()
         table = self._lookup.get(f)
         if table is None:
             table = {v: i + RESERVED for i, v in enumerate(self.vocab[f])}
             table[""] = MISSING_INDEX  # an empty field is a missing value, as in the raw reader
+            table[None] = MISSING_INDEX  # so is an absent one (None): one dict lookup for every value
             self._lookup[f] = table
         return table
+
+    def _dense_moments(self) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, std) of the dense fields as arrays, in ``self.dense`` order (cached until refit)."""
+        self._refresh()
+        moments = self._lookup_moments
+        if moments is None:
+            stats = self.dense_stats
+            moments = (np.array([stats[f]["mean"] for f in self.dense]),
+                       np.array([stats[f]["std"] for f in self.dense]))
+            self._lookup_moments = moments
+        return moments
 
     def encode_columns(
         self, dense: Sequence[Sequence[float | None]], categorical: Sequence[Sequence[str | None]]
@@ -255,8 +270,9 @@ class FeatureProcessor:
         n = len(categorical[0]) if categorical else (len(dense[0]) if dense else 0)
         cat = np.empty((n, len(self.categorical)), dtype=np.int64)
         for j, f in enumerate(self.categorical):
-            get = self._table(f).get
-            cat[:, j] = [MISSING_INDEX if v is None else get(v, OOV_INDEX) for v in categorical[j]]
+            # map() over the bound dict method runs the lookups in C: per request this loop is a
+            # fifth of the service's CPU for 100 instances when written as a comprehension.
+            cat[:, j] = np.fromiter(map(self._table(f).get, categorical[j], repeat(OOV_INDEX, n)), np.int64, n)
         n_dense = len(self.dense)
         out = np.zeros((n, 2 * n_dense), dtype=np.float32)
         if n_dense and n:
@@ -269,8 +285,7 @@ class FeatureProcessor:
                 base = x
             else:
                 raise ValueError(f"unknown dense transform {self.dense_transform!r}")
-            mean = np.array([self.dense_stats[f]["mean"] for f in self.dense])
-            std = np.array([self.dense_stats[f]["std"] for f in self.dense])
+            mean, std = self._dense_moments()
             z = (base - mean) / std
             z[is_missing] = 0.0
             out[:, :n_dense] = z

@@ -285,10 +285,15 @@ def test_schema_flags_equal_the_schema_file(tmp_path, csv_dir):
 
 
 # ------------------------------------------------------------------------------------------ train, predict, serve
-def test_train_predict_and_serve_by_the_users_field_names(tmp_path, log, csv_dir):
-    data = tmp_path / "data"
+@pytest.fixture(scope="module")
+def table_data(tmp_path_factory, csv_dir) -> Path:
+    data = tmp_path_factory.mktemp("table") / "data"
     ingest([csv_dir / "log.csv"], data)
-    run_dir = train_tiny(data, tmp_path / "run", seed=0)
+    return data
+
+
+def test_train_predict_and_serve_by_the_users_field_names(tmp_path, table_data):
+    run_dir = train_tiny(table_data, tmp_path / "run", seed=0)
     new_rows = user_log(n=40, seed=99).drop("clicked")  # unlabeled logs to score
     write_csv(new_rows, tmp_path / "new.csv")
     preds_path = tmp_path / "preds.parquet"
@@ -312,6 +317,34 @@ def test_train_predict_and_serve_by_the_users_field_names(tmp_path, log, csv_dir
         assert r.status_code == 422 and r.json()["unknown_fields"] == ["clicks"]
     finally:
         server.stop()
+
+
+def test_experiment_runs_unchanged_on_a_declared_log(tmp_path, table_data):
+    from ctr_ad.experiment import load_experiment_config, run_experiment
+
+    cfg = load_experiment_config({
+        "training": {"model": {"components": 2, "embedding_dim": 4, "mlp": [8]},
+                     "train": {"batch_size": 256, "epochs": 1, "early_stopping_patience": None, "threads": 1}},
+        "replicas": 2,
+        "workers": 1,  # in this process: no worker start-up on a busy machine
+        "arms": [{"name": "plain"}, {"name": "logreg", "kind": "logreg", "max_iter": 50}],
+    })
+    results = run_experiment(table_data, cfg, tmp_path / "exp")
+    assert set(results["arms"]) == {"plain", "logreg"}
+    for arm in results["arms"].values():
+        assert arm["accuracy"]["auc"]["n"] == 2 and 0.5 < arm["accuracy"]["auc"]["mean"] <= 1
+    assert results["manifest"]["fingerprint"] == json.loads((table_data / "manifest.json").read_text())["fingerprint"]
+
+
+def test_pipeline_datasets_take_a_schema(tmp_path):
+    from ctr_ad.pipeline import PipelineConfig
+
+    base = {"out": "runs", "experiment": "e.yaml"}
+    ok = PipelineConfig.model_validate({**base, "datasets": [
+        {"name": "mine", "source": "table", "schema": str(OBD_SCHEMA), "inputs": [str(OBD)]}]})
+    assert ok.datasets[0].schema_file == str(OBD_SCHEMA)
+    with pytest.raises(ValueError, match="'schema' goes with source: table"):
+        PipelineConfig.model_validate({**base, "datasets": [{"name": "m", "source": "table", "inputs": ["x"]}]})
 
 
 # ------------------------------------------------------------------------------------------ documented example

@@ -168,7 +168,13 @@ def iter_parquet_blocks(path: Path, layout, block_bytes: int) -> Iterator[tuple[
         for batch in file.iter_batches(batch_size=max(1, block_bytes // BYTES_PER_ROW), columns=columns):
             frame = pl.from_arrow(batch)
             assert isinstance(frame, pl.DataFrame)
-            fields = pl.DataFrame([_as_text(frame.get_column(name)) for name in columns])
+            try:
+                fields = pl.DataFrame([_as_text(frame.get_column(name)) for name in columns])
+            except pl.exceptions.PolarsError:
+                bad = [f"{n} ({frame.schema[n]})" for n in columns if not frame.schema[n].is_(pl.Utf8)
+                       and (frame.schema[n].is_nested() or frame.schema[n] == pl.Binary)]
+                raise UserError(f"{path}: column(s) {', '.join(bad) or columns} cannot be read as "
+                                f"values (nested or binary Parquet types)") from None
             yield first, fields, ()
             first += fields.height
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError

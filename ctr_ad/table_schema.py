@@ -112,6 +112,9 @@ class TableSchema(StrictModel):
             if name in RESERVED_NAMES or name.startswith(RESERVED_PREFIX) or name.endswith(MISSING_SUFFIX):
                 raise ValueError(f"feature name {name!r} is reserved (no 'label', no leading '_', no "
                                  f"'{MISSING_SUFFIX}' suffix); rename the column")
+        for role, name in (("label", self.label.column), ("time", self.time.column if self.time else "")):
+            if name.startswith(RESERVED_PREFIX):  # the reader's own columns start with '_'
+                raise ValueError(f"{role} column {name!r}: names starting with '_' are reserved")
         if self.header is not True and not self.columns:
             raise ValueError(f"header: {self.header} needs 'columns' (the file's columns in order)")
         if self.columns is not None:

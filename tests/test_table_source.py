@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
 import random
 from pathlib import Path
 
@@ -27,6 +28,8 @@ SCHEMA = {"label": "clicked", "categorical": ["user_id", "ad_id", "site", "devic
 SPLIT_FILES = ("train.parquet", "valid.parquet", "test.parquet")
 OBD = REPO / "data" / "open-bandit" / "random-all.csv"
 OBD_SCHEMA = REPO / "pipelines" / "schemas" / "open-bandit.yaml"
+CRITEO_8K = [REPO / "data" / "criteo-kaggle-8k" / f"{s}.tsv" for s in ("train", "dev", "test")]
+AVAZU_9K = Path(os.environ.get("CTR_AD_SHARED_DATASETS", REPO.parent / "shared" / "datasets")) / "avazu-9k"
 
 
 def user_log(n: int = 1200, seed: int = 7) -> pl.DataFrame:
@@ -302,6 +305,12 @@ def test_train_predict_and_serve_by_the_users_field_names(tmp_path, table_data):
     preds = pl.read_parquet(preds_path)
     assert preds.height == 40 and "label" not in preds.columns
     assert ((preds["ctr"] > 0) & (preds["ctr"] < 1)).all()
+    # The same rows as Parquet, read with a schema file given to predict: the same scores.
+    new_rows.write_parquet(tmp_path / "new.parquet")
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(SCHEMA))
+    assert cli_main(["predict", "--bundle", str(run_dir), "--input", str(tmp_path / "new.parquet"), "--source",
+                     "table", "--schema", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "pq.parquet")]) == 0
+    assert pl.read_parquet(tmp_path / "pq.parquet")["ctr"].to_list() == preds["ctr"].to_list()
 
     server = start_server(["--bundle", str(run_dir)], tmp_path / "serve.log")
     try:
@@ -363,3 +372,20 @@ def test_documented_open_bandit_schema_ingests_the_real_sample_and_trains(tmp_pa
     assert split_bytes(tmp_path / "seq") == split_bytes(tmp_path / "builtin")
     result = train_tiny(tmp_path / "obd", tmp_path / "run", seed=0)
     assert (result / "bundle").is_dir()
+
+
+@pytest.mark.parametrize("source,schema_file,inputs", [
+    ("criteo", "criteo.yaml", CRITEO_8K),
+    ("avazu", "avazu.yaml", [AVAZU_9K / f"{s}.csv" for s in ("train", "dev", "test")]),
+])
+def test_builtin_layouts_as_declared_schemas_write_the_same_splits(tmp_path, source, schema_file, inputs):
+    if not inputs[0].exists():
+        pytest.skip(f"{inputs[0].parent} absent on this machine (Avazu rows may not be redistributed)")
+    schema = TableSchema.load(REPO / "pipelines" / "schemas" / schema_file)
+    declared = run_ingest(inputs, "table", tmp_path / "declared", quiet=True, schema=schema, split="files")
+    builtin = run_ingest(inputs, source, tmp_path / "builtin", quiet=True, split="files")
+    assert declared["rows"] == builtin["rows"] and declared["splits"] == builtin["splits"]
+    assert split_bytes(tmp_path / "declared") == split_bytes(tmp_path / "builtin")
+    a = FeatureProcessor.load(tmp_path / "declared" / "features.json").to_dict()
+    b = FeatureProcessor.load(tmp_path / "builtin" / "features.json").to_dict()
+    assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} == {"schema", "source"}

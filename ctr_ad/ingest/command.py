@@ -20,7 +20,7 @@ interrupted run leaves an existing dataset untouched (its bad lines go to OUT.fa
 refused rather than silently kept or deleted.
 
 --source table reads your own CSV/TSV (plain or .gz) or Parquet log by a declared schema: a YAML file
-(--schema FILE; see docs/ingest-your-own-log.md) and/or the schema flags below, which replace the
+(--schema FILE; see docs/ingest-your-own-log.md) and/or the schema flags above, which replace the
 file's keys. With a declared time column the default split is --split time."""
 
 

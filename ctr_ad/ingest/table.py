@@ -118,7 +118,9 @@ def resolve_table_layout(path: Path, spec: SourceSpec, first_line: bytes | None)
     names = list(header) if header is not None else list(schema.columns or ())
     dense = list(schema.numeric)
     if schema.numeric_prefix:
-        dense += [n for n in names if n.startswith(schema.numeric_prefix) and n not in dense]
+        other_roles = {schema.label.column, *schema.categorical, *schema.ignore,
+                       *([schema.time.column] if schema.time else [])}
+        dense += [n for n in names if n.startswith(schema.numeric_prefix) and n not in {*dense, *other_roles}]
     used = {schema.label.column, *dense, *schema.categorical, *([schema.time.column] if schema.time else [])}
     declared = used | set(schema.ignore)
     missing = [n for n in [*dense, *schema.categorical] if n not in names]

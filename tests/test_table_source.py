@@ -251,6 +251,14 @@ def test_schema_and_file_mismatch_is_one_line(tmp_path, csv_dir, change, message
         ingest([csv_dir / "log.csv"], tmp_path / "out", {**SCHEMA, **change})
 
 
+def test_format_mismatch_is_one_line(tmp_path, log, csv_dir):
+    log.write_parquet(tmp_path / "log.parquet")
+    with pytest.raises(UserError, match="is a Parquet file \\(the schema says format: csv\\)"):
+        ingest([tmp_path / "log.parquet"], tmp_path / "a", {**SCHEMA, "format": "csv"})
+    with pytest.raises(UserError, match="not a Parquet file"):
+        ingest([csv_dir / "log.csv"], tmp_path / "b", {**SCHEMA, "format": "parquet"})
+
+
 def test_cli_refuses_a_bad_schema_in_one_line(tmp_path, csv_dir, capsys):
     (tmp_path / "s.yaml").write_text(yaml.safe_dump({**SCHEMA, "lable": "x"}))
     code = cli_main(["ingest", "--source", "table", "--schema", str(tmp_path / "s.yaml"), "--input",

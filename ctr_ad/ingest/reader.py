@@ -462,9 +462,9 @@ def open_source(path: Path, spec: SourceSpec, labeled: bool | None = None) -> La
     """Check ``path`` exists, is a non-empty file, and resolve its layout."""
     check_input_file(path)
     if spec.table is not None:
-        from ctr_ad.ingest.table import is_parquet, resolve_table_layout
+        from ctr_ad.ingest.table import parquet_by_format, resolve_table_layout
 
-        if is_parquet(path):
+        if parquet_by_format(path, spec.table):
             return resolve_table_layout(path, spec, None)
     first = _first_line(path)
     if not first.strip():

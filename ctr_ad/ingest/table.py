@@ -32,6 +32,16 @@ def is_parquet(path: Path) -> bool:
         return fh.read(4) == PARQUET_MAGIC
 
 
+def parquet_by_format(path: Path, schema: TableSchema) -> bool:
+    """Whether ``path`` is read as Parquet; a file of another kind than the schema's ``format`` is an error."""
+    parquet = is_parquet(path)
+    if schema.format == "parquet" and not parquet:
+        raise UserError(f"{path}: not a Parquet file (the schema says format: parquet)")
+    if schema.format in ("csv", "tsv") and parquet:
+        raise UserError(f"{path}: is a Parquet file (the schema says format: {schema.format})")
+    return parquet
+
+
 def separator_for(path: Path, schema: TableSchema) -> str:
     """The schema's separator, else tab for ``*.tsv``/``*.tab`` (optionally ``.gz``), else comma."""
     fixed = schema.text_separator

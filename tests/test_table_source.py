@@ -257,6 +257,10 @@ def test_format_mismatch_is_one_line(tmp_path, log, csv_dir):
         ingest([tmp_path / "log.parquet"], tmp_path / "a", {**SCHEMA, "format": "csv"})
     with pytest.raises(UserError, match="not a Parquet file"):
         ingest([csv_dir / "log.csv"], tmp_path / "b", {**SCHEMA, "format": "parquet"})
+    truncated = tmp_path / "truncated.parquet"
+    truncated.write_bytes((tmp_path / "log.parquet").read_bytes()[:300])
+    with pytest.raises(UserError, match=r"truncated\.parquet: unreadable Parquet file"):
+        ingest([truncated], tmp_path / "c")
 
 
 def test_cli_refuses_a_bad_schema_in_one_line(tmp_path, csv_dir, capsys):

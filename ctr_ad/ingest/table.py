@@ -112,7 +112,7 @@ def resolve_table_layout(path: Path, spec: SourceSpec, first_line: bytes | None)
 
     schema: TableSchema = spec.table
     if first_line is None:
-        header = pq.ParquetFile(path).schema_arrow.names
+        header = _parquet_file(path).schema_arrow.names
         sep, first_data_line = ",", 1
     else:
         sep = separator_for(path, schema)
@@ -158,6 +158,13 @@ def resolve_table_layout(path: Path, spec: SourceSpec, first_line: bytes | None)
 
 
 # ------------------------------------------------------------------------------------ Parquet
+def _parquet_file(path: Path) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(path)
+    except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
+        raise UserError(f"{path}: unreadable Parquet file ({exc})") from None
+
+
 def _as_text(column: pl.Series) -> pl.Series:
     """A Parquet column as the string field a text log would hold (empty = missing)."""
     dtype = column.dtype
@@ -173,7 +180,7 @@ def _as_text(column: pl.Series) -> pl.Series:
 
 def iter_parquet_blocks(path: Path, layout, block_bytes: int) -> Iterator[tuple[int, pl.DataFrame, tuple]]:
     """``(first_row_number, frame of string fields, ())`` per batch of rows, in file order."""
-    file = pq.ParquetFile(path)
+    file = _parquet_file(path)
     columns = list(layout.names)
     first = 1
     try:
@@ -212,4 +219,4 @@ def parse_frame_block(layout, first_line: int, fields: pl.DataFrame):
 
 
 def parquet_rows(path: Path) -> int:
-    return pq.ParquetFile(path).metadata.num_rows
+    return _parquet_file(path).metadata.num_rows

@@ -139,9 +139,11 @@ class FeatureProcessor:
     def __init__(
         self, source: str, label: str | None, categorical: list[str], dense: list[str], dense_transform: str,
         min_count: int, vocab: dict[str, list[str]] | None = None,
-        dense_stats: dict[str, dict[str, float]] | None = None,
+        dense_stats: dict[str, dict[str, float]] | None = None, schema: dict[str, Any] | None = None,
     ) -> None:
         self.source = source
+        #: The declared schema of a ``table`` source (``TableSchema.document()``); None for built-ins.
+        self.schema = schema
         self.label = label
         self.categorical = list(categorical)
         self.dense = list(dense)
@@ -168,8 +170,9 @@ class FeatureProcessor:
     @classmethod
     def unfitted(cls, source: str, spec: SourceSpec, dense: list[str], min_count: int) -> FeatureProcessor:
         """A processor for ``spec``'s fields, ready for :meth:`partial_fit`."""
+        schema = spec.table.document() if spec.table is not None else None
         return cls(source=source, label=spec.label, categorical=list(spec.categorical), dense=list(dense),
-                   dense_transform=spec.dense_transform, min_count=min_count)
+                   dense_transform=spec.dense_transform, min_count=min_count, schema=schema)
 
     @staticmethod
     def fit_statistics(frame: pl.DataFrame, categorical: list[str], dense: list[str],
@@ -374,7 +377,10 @@ class FeatureProcessor:
 
     # ----------------------------------------------------------------------------- persistence
     def to_dict(self) -> dict[str, Any]:
+        # A built-in source's file has no "schema" key, so its bytes (and fingerprints) are unchanged.
+        declared = {"schema": self.schema} if self.schema is not None else {}
         return {
+            **declared,
             "format_version": FORMAT_VERSION,
             "source": self.source,
             "label": self.label,
@@ -396,6 +402,7 @@ class FeatureProcessor:
             source=d["source"], label=d["label"], categorical=list(d["categorical"]), dense=list(d["dense"]),
             dense_transform=d["dense_transform"], min_count=int(d["min_count"]),
             vocab={k: list(v) for k, v in d["vocab"].items()}, dense_stats=d["dense_stats"],
+            schema=d.get("schema"),
         )
 
     def dumps(self) -> str:

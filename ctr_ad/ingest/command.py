@@ -6,16 +6,22 @@ import argparse
 import logging
 import sys
 from pathlib import Path
+from typing import Any
 
+from ctr_ad.errors import UserError
 from ctr_ad.ingest.options import IngestOptions
-from ctr_ad.schema import SOURCES
+from ctr_ad.schema import SOURCES, TABLE
 
 DESCRIPTION_EPILOG = """\
 The output directory is replaced only by a complete, successful run: the dataset is written to a
 hidden staging directory beside it and swapped in as a whole, manifest.json last. A failed or
 interrupted run leaves an existing dataset untouched (its bad lines go to OUT.failed-quarantine.jsonl).
 --out must be a new or empty directory, or a dataset written by ctr-ad ingest: other files in it are
-refused rather than silently kept or deleted."""
+refused rather than silently kept or deleted.
+
+--source table reads your own CSV/TSV (plain or .gz) or Parquet log by a declared schema: a YAML file
+(--schema FILE; see docs/ingest-your-own-log.md) and/or the schema flags above, which replace the
+file's keys. With a declared time column the default split is --split time."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -29,13 +35,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     def help_of(name: str) -> str:
         return fields[name].description or ""
 
-    parser.add_argument("--source", required=True, choices=sorted(SOURCES), help="raw log format")
+    parser.add_argument("--source", required=True, choices=sorted([*SOURCES, TABLE]),
+                        help="raw log format; table: your own log, by a declared schema")
     parser.add_argument("--input", required=True, nargs="+", type=Path, metavar="PATH",
                         help="log files (plain or .gz); with --split files: train, valid, test")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR",
                         help="dataset directory, replaced only by a complete, successful run")
-    parser.add_argument("--split", default=default("split"), choices=["sequential", "random", "files"],
-                        help=help_of("split"))
+    parser.add_argument("--split", default=None, choices=["sequential", "random", "files", "time"],
+                        help=help_of("split") + f" (default: time with a declared time column, else "
+                        f"{default('split')})")
     parser.add_argument("--valid-frac", type=float, default=default("valid_frac"), help=help_of("valid_frac"))
     parser.add_argument("--test-frac", type=float, default=default("test_frac"), help=help_of("test_frac"))
     parser.add_argument("--min-count", type=int, default=default("min_count"), help=help_of("min_count"))
@@ -44,6 +52,68 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=help_of("max_bad_fraction"))
     parser.add_argument("--workers", type=int, default=default("workers"), help=help_of("workers"))
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    add_schema_arguments(parser.add_argument_group("declared schema (--source table)"))
+
+
+def add_schema_arguments(group: argparse._ArgumentGroup) -> None:
+    """The schema file and the flags that declare (or override) its keys."""
+    group.add_argument("--schema", type=Path, metavar="FILE", help="YAML schema of the log")
+    group.add_argument("--label", metavar="COLUMN", help="label column (schema key label.column)")
+    group.add_argument("--label-reading", choices=["binary", "boolean", "threshold"],
+                       help="how the label reads: 0/1, true/false, or a number >= --label-threshold")
+    group.add_argument("--label-threshold", type=float, metavar="X", help="with --label-reading threshold")
+    for flag, what in (("categorical", "categorical feature columns"), ("numeric", "numeric feature columns"),
+                       ("ignore", "columns to ignore")):
+        group.add_argument(f"--{flag}", metavar="A,B,…", help=f"{what}, comma-separated")
+    group.add_argument("--time", metavar="COLUMN", help="time column (for --split time)")
+    group.add_argument("--header", choices=["true", "false", "auto"], help="does line 1 name the columns")
+    group.add_argument("--columns", metavar="A,B,…", help="the file's columns in order (needed without a header)")
+    group.add_argument("--separator", metavar="CHAR", help="field separator of a text log (\\t for tab)")
+
+
+def schema_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Schema keys given as flags (they replace the schema file's keys)."""
+    out: dict[str, Any] = {}
+    if args.label or args.label_reading or args.label_threshold is not None:
+        label: dict[str, Any] = {"column": args.label} if args.label else {}
+        if args.label_reading:
+            label["reading"] = args.label_reading
+        if args.label_threshold is not None:
+            label["threshold"] = args.label_threshold
+        if args.schema and not args.label:  # complete the file's label with the flags
+            from ctr_ad.strict import load_yaml_mapping
+
+            base = load_yaml_mapping(args.schema, "schema file").get("label")
+            base = {"column": base} if isinstance(base, str) else dict(base or {})
+            label = {**base, **label}
+        out["label"] = label
+    for key in ("categorical", "numeric", "ignore", "columns"):
+        value = getattr(args, key)
+        if value is not None:
+            out[key] = [c.strip() for c in value.split(",") if c.strip()]
+    if args.time:
+        out["time"] = args.time
+    if args.header:
+        out["header"] = {"true": True, "false": False}.get(args.header, args.header)
+    if args.separator:
+        out["separator"] = "\t" if args.separator in ("\\t", "tab") else args.separator
+    return out
+
+
+def declared_schema(args: argparse.Namespace):
+    """The TableSchema of ``--source table`` (None for a built-in source)."""
+    from ctr_ad.table_schema import TableSchema
+
+    overrides = schema_overrides(args)
+    if args.source != TABLE:
+        if args.schema or overrides:
+            raise UserError(f"--schema and the schema flags are read with --source table only "
+                            f"(not with --source {args.source})")
+        return None
+    if not args.schema and not overrides:
+        raise UserError("--source table needs a declared schema: --schema FILE and/or --label, "
+                        "--categorical, --numeric, …")
+    return TableSchema.load(args.schema, overrides)
 
 
 class _StderrHandler(logging.StreamHandler):
@@ -73,9 +143,13 @@ def run(args: argparse.Namespace) -> int:
     from ctr_ad.ingest.run import run_ingest
 
     configure_logging(args.quiet)
+    schema = declared_schema(args)
+    if args.split is None:
+        timed = schema is not None and schema.time is not None
+        args.split = "time" if timed else IngestOptions.model_fields["split"].default
     options = IngestOptions.of({name: getattr(args, name) for name in IngestOptions.model_fields},
                                origin="ctr-ad ingest")
-    manifest = run_ingest(args.input, args.source, args.out, options, quiet=args.quiet)
+    manifest = run_ingest(args.input, args.source, args.out, options, quiet=args.quiet, schema=schema)
     rows = manifest["rows"]
     print(f"{args.out}: {rows['written']} rows written "
           f"({', '.join(f'{k} {v}' for k, v in manifest['splits'].items())}), "

@@ -13,14 +13,15 @@ from pydantic import Field, model_validator
 
 from ctr_ad.strict import StrictModel, validate_model
 
-SplitMode = Literal["sequential", "random", "files"]
+SplitMode = Literal["sequential", "random", "files", "time"]
 
 
 class IngestOptions(StrictModel):
     """How raw logs become splits; see ``ctr-ad ingest --help`` for each option."""
 
     split: SplitMode = Field("sequential", description="sequential keeps file order (test = latest "
-                             "rows); random is seeded; files: one input file per split")
+                             "rows); random is seeded; files: one input file per split; time: by the "
+                             "declared time column (test = latest times)")
     valid_frac: float = Field(0.1, ge=0, lt=1, description="fraction of rows in the valid split")
     test_frac: float = Field(0.1, ge=0, lt=1, description="fraction of rows in the test split")
     min_count: int = Field(2, ge=1, description="categorical values seen fewer times in train map "

@@ -77,9 +77,11 @@ class ComponentLayout:
         return self.group * self.count
 
     def describe(self) -> str:
-        return (f"component parallelism: {self.groups} group(s) of {self.group_size} rank(s), "
-                f"{self.count} component(s) each; rank {self.rank} owns components "
-                f"{self.first}..{self.first + self.count - 1}")
+        return (
+            f"component parallelism: {self.groups} group(s) of {self.group_size} rank(s), "
+            f"{self.count} component(s) each; rank {self.rank} owns components "
+            f"{self.first}..{self.first + self.count - 1}"
+        )
 
 
 def layout_for(components: int, world: int, rank: int) -> ComponentLayout:
@@ -88,23 +90,34 @@ def layout_for(components: int, world: int, rank: int) -> ComponentLayout:
     return ComponentLayout(components, world, rank)
 
 
+def join_component_group(layout: ComponentLayout) -> Any:
+    """The process group of this rank's component group (None with one rank per group).
+
+    ``new_group`` is collective: every rank creates every group, in the same order."""
+    if layout.group_size == 1:
+        return None
+    mine = None
+    for g in range(layout.groups):
+        pg = dist.new_group(list(range(g * layout.group_size, (g + 1) * layout.group_size)))
+        if g == layout.group:
+            mine = pg
+    return mine
+
+
 class ComponentShards:
     """The collectives of one component-parallel rank (the process group must be initialised)."""
 
-    def __init__(self, layout: ComponentLayout, device: torch.device, param_names: Iterable[str]) -> None:
+    def __init__(
+        self, layout: ComponentLayout, device: torch.device, param_names: Iterable[str], group: Any = None
+    ) -> None:
+        """``group``: this rank's component group (:func:`join_component_group`); needed only when
+        the group has more than one rank."""
         self.layout = layout
         self.device = device
         #: State keys that are split by component (every model parameter); other keys (the frozen
         #: anchor's buffers) are the same on every rank.
         self.param_names = frozenset(param_names)
-        self.group_pg: Any = None
-        if layout.group_size > 1:
-            # new_group is collective: every rank creates every group, in the same order.
-            for g in range(layout.groups):
-                ranks = list(range(g * layout.group_size, (g + 1) * layout.group_size))
-                pg = dist.new_group(ranks)
-                if g == layout.group:
-                    self.group_pg = pg
+        self.group_pg = group
 
     # ---- weights and optimizer state: full ensemble <-> this rank's slice
     def _rows(self, full_rows: int) -> slice:
@@ -140,8 +153,9 @@ class ComponentShards:
     def slice_optimizer(self, full: dict[str, Any]) -> dict[str, Any]:
         """An optimizer state_dict of the full ensemble cut to this rank: per-parameter tensors
         (Adam moments, shaped like their parameter) by component rows; step counts as they are."""
-        state = {i: {n: self.slice_tensor(v) if _per_row(v) else v for n, v in s.items()}
-                 for i, s in full["state"].items()}
+        state = {
+            i: {n: self.slice_tensor(v) if _per_row(v) else v for n, v in s.items()} for i, s in full["state"].items()
+        }
         return {**full, "state": state}
 
     def gather_optimizer(self, local: dict[str, Any]) -> dict[str, Any]:
@@ -177,9 +191,7 @@ class ComponentShards:
         dist.all_gather(parts, x)
         pieces = [p[:, :w] for p, w in zip(parts, widths, strict=True)]
         pieces[lay.rank] = local
-        per_group = [
-            torch.cat(pieces[g * lay.group_size : (g + 1) * lay.group_size], dim=1) for g in range(lay.groups)
-        ]
+        per_group = [torch.cat(pieces[g * lay.group_size : (g + 1) * lay.group_size], dim=1) for g in range(lay.groups)]
         return torch.cat(per_group, dim=0)
 
     def sum_over_components(self, value: Tensor) -> Tensor:

@@ -64,7 +64,7 @@ from ctr_ad import checkpoint as ckpt
 from ctr_ad import distributed as dist_mod
 from ctr_ad.artifacts import write_document
 from ctr_ad.averaging import WeightAverager
-from ctr_ad.component_parallel import ComponentLayout, ComponentShards, layout_for
+from ctr_ad.component_parallel import ComponentLayout, ComponentShards, join_component_group, layout_for
 from ctr_ad.config import Config, load_config
 from ctr_ad.data import Batch, MemoryBatches, PlanSpec, StreamBatches, TensorData, derive_seed, load_split
 from ctr_ad.dataset import verify_data_dir
@@ -331,7 +331,7 @@ class Trainer:
         if t.max_steps is not None:
             self.total_steps = min(self.total_steps, t.max_steps)
         if lay is not None:
-            self._say(lay.describe())
+            self._say(f"{lay.describe()} (backend {torch.distributed.get_backend()})")
         self._say(
             f"{self.plan.rows} train rows, {self.plan.steps_per_epoch} steps/epoch, K={self.cfg.model.components}, "
             f"penalty={ad.penalty} λ={ad.lam}, order={ad.data_order}, device={self.device}, world={ctx.world}"
@@ -364,7 +364,8 @@ class Trainer:
             local = EnsembleCTR.from_config(
                 local_cfg, self.features.cardinalities, len(self.features.dense_columns), sparse=self.sparse
             )
-            self.shards = ComponentShards(self.layout, self.device, [n for n, _ in local.named_parameters()])
+            names = [n for n, _ in local.named_parameters()]
+            self.shards = ComponentShards(self.layout, self.device, names, join_component_group(self.layout))
             local.load_state_dict(self.shards.slice_state(model.state_dict()))
             model = local
         model.to(self.device)

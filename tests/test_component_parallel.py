@@ -11,6 +11,7 @@ component group (data parallelism inside the group, sparse gradients synced by a
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -21,6 +22,8 @@ from helpers_train import DEMO_CONFIG, PYTHON, ingested_8k, subprocess_env
 from safetensors.torch import load_file
 
 from ctr_ad import bundle as bundle_mod
+from ctr_ad import checkpoint as ckpt
+from ctr_ad.component_parallel import ComponentShards, layout_for
 from ctr_ad.config import load_config
 from ctr_ad.data import load_split
 from ctr_ad.evaluation import evaluate
@@ -74,16 +77,54 @@ def single(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str
     }
 
 
-def launch(world: int, data_dir: Path, out: Path) -> None:
+def launch(world: int, data_dir: Path, out: Path, resume: Path | None = None) -> None:
+    """Train every config of ``world`` in one torchrun launch; ``resume``: also resume that run."""
     runs = []
     for name in WORLDS[world]:
         sets = [*BASE, *CONFIGS[name], "train.parallelism=component"]
-        runs.append(["train", "--data", str(data_dir), "--config", str(DEMO_CONFIG), "--out", str(out / name),
-                     "--device", "cpu", *[a for s in sets for a in ("--set", s)]])
+        runs.append(
+            [
+                "train",
+                "--data",
+                str(data_dir),
+                "--config",
+                str(DEMO_CONFIG),
+                "--out",
+                str(out / name),
+                "--device",
+                "cpu",
+                *[a for s in sets for a in ("--set", s)],
+            ]
+        )
+    if resume is not None:
+        runs.append(
+            [
+                "train",
+                "--data",
+                str(data_dir),
+                "--out",
+                str(resume),
+                "--resume",
+                "--device",
+                "cpu",
+                "--config",
+                str(resume / "config.yaml"),
+                "--set",
+                "train.parallelism=component",
+            ]
+        )
     spec = out / "runs.json"
     spec.write_text(json.dumps(runs))
-    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world), str(DRIVER),
-           str(spec)]
+    cmd = [
+        PYTHON,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        str(world),
+        str(DRIVER),
+        str(spec),
+    ]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, timeout=240)
     assert proc.returncode == 0, proc.stderr.decode()[-4000:]
 
@@ -92,7 +133,17 @@ def launch(world: int, data_dir: Path, out: Path) -> None:
 def test_component_parallel_equals_single_process(
     world: int, data_dir: Path, single: dict[str, TrainResult], tmp_path: Path
 ) -> None:
-    launch(world, data_dir, tmp_path)
+    # A finished single-process run resumed component-parallel: every rank restores its slice of
+    # the checkpoint (weights, best weights, optimizer moments, averages) and the ranks rebuild the
+    # same bundle from it.
+    resumed = tmp_path / "resumed"
+    shutil.copytree(single["penalty"].run_dir, resumed)
+    shutil.rmtree(resumed / "bundle")
+    launch(world, data_dir, tmp_path, resume=resumed)
+    again = load_file(str(resumed / "bundle" / "model.safetensors"))
+    for key, value in single["penalty"].model.state_dict().items():
+        torch.testing.assert_close(again[key], value.cpu(), atol=1e-6, rtol=1e-6, msg=f"resumed {key}")
+    assert json.loads((resumed / "bundle" / "metadata.json").read_text())["world_size"] == world
     test_split = load_split(data_dir / "test.parquet", *_columns(data_dir))
     for name in WORLDS[world]:
         ref = single[name]
@@ -117,11 +168,60 @@ def test_component_parallel_equals_single_process(
         for a, b in zip(cp_log, ref_log, strict=True):
             for key in ("train_loss", "train_bce", "train_penalty", "valid_logloss", "valid_auc"):
                 assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-6), (name, key)
+        # The final checkpoint holds the whole ensemble, optimizer moments and averages included,
+        # exactly as one process writes it (so either can resume it).
+        got, want = ckpt.load(tmp_path / name / "checkpoint.pt"), ckpt.load(ref.run_dir / "checkpoint.pt")
+        assert_nested_close(got["state"], want["state"], f"{name} state")
+        assert_nested_close(got["model"], want["model"], f"{name} model")
+        assert_nested_close(got["best_model"], want["best_model"], f"{name} best_model")
+        assert_nested_close(got["averager"], want["averager"], f"{name} averager")
+        assert_nested_close(got["optimizers"], want["optimizers"], f"{name} optimizers")
     # The penalty moved the weights: the plain and penalised runs differ (the test can fail).
     if "penalty" in WORLDS[world]:
         a = single["plain"].model.state_dict()["weights.0"]
         b = single["penalty"].model.state_dict()["weights.0"]
         assert not torch.allclose(a, b, atol=1e-4)
+
+
+def assert_nested_close(got: object, want: object, where: str) -> None:
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and got.keys() == want.keys(), where
+        for k in want:
+            assert_nested_close(got[k], want[k], f"{where}.{k}")
+    elif isinstance(want, list | tuple):
+        assert isinstance(got, list | tuple) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            assert_nested_close(g, w, f"{where}[{i}]")
+    elif isinstance(want, torch.Tensor):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4, msg=where)
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, rel=1e-6, abs=1e-9, nan_ok=True), where
+    else:
+        assert got == want, where
+
+
+@pytest.mark.parametrize(("k", "world"), [(4, 2), (4, 4), (2, 4), (4, 6), (6, 4), (4, 3)])
+def test_component_slices_tile_the_ensemble(k: int, world: int) -> None:
+    """The slices of the ranks that lead each component group, in group order, rebuild every tensor
+    of a checkpoint (weights, optimizer moments, averages); step counts stay whole."""
+    rows = 5
+    full_param = torch.arange(k * rows * 3, dtype=torch.float32).reshape(k * rows, 3)
+    optimizer = {"state": {0: {"step": torch.tensor(7.0), "exp_avg": full_param * 2}}, "param_groups": [{"lr": 1}]}
+    layouts = [layout_for(k, world, r) for r in range(world)]
+    assert all(lay.groups * lay.count == k and lay.groups * lay.group_size == world for lay in layouts)
+    leaders = [lay for lay in layouts if lay.group_rank == 0]
+    assert [lay.first for lay in leaders] == list(range(0, k, leaders[0].count))
+    parts, moments = [], []
+    for lay in leaders:
+        shards = ComponentShards(lay, torch.device("cpu"), ["embedding.weight"])
+        state = shards.slice_state({"embedding.weight": full_param, "anchor_bias": torch.ones(1)})
+        assert torch.equal(state["anchor_bias"], torch.ones(1))  # shared buffers are not split
+        parts.append(state["embedding.weight"])
+        sliced = shards.slice_optimizer(optimizer)
+        assert sliced["state"][0]["step"] == 7 and sliced["param_groups"] == optimizer["param_groups"]
+        moments.append(sliced["state"][0]["exp_avg"])
+    assert torch.equal(torch.cat(parts), full_param)
+    assert torch.equal(torch.cat(moments), full_param * 2)
 
 
 def _columns(data_dir: Path) -> tuple[list[str], list[str]]:

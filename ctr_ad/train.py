@@ -332,6 +332,12 @@ class Trainer:
             self.total_steps = min(self.total_steps, t.max_steps)
         if lay is not None:
             self._say(f"{lay.describe()} (backend {torch.distributed.get_backend()})")
+            if lay.groups == 1 and lay.world > 1 and ctx.is_main:
+                logger.warning(
+                    f"WORLD_SIZE={lay.world} shares no factor with model.components={lay.components}: every rank "
+                    "holds all components (data parallelism in one group); choose a world size that divides K "
+                    "or is a multiple of it"
+                )
         self._say(
             f"{self.plan.rows} train rows, {self.plan.steps_per_epoch} steps/epoch, K={self.cfg.model.components}, "
             f"penalty={ad.penalty} λ={ad.lam}, order={ad.data_order}, device={self.device}, world={ctx.world}"

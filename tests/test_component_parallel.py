@@ -127,6 +127,9 @@ def launch(world: int, data_dir: Path, out: Path, resume: Path | None = None) ->
     ]
     proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, timeout=240)
     assert proc.returncode == 0, proc.stderr.decode()[-4000:]
+    # One summary line per run, from rank 0 (the rank that wrote the bundle).
+    summaries = [json.loads(ln) for ln in proc.stdout.decode().splitlines() if ln.startswith("{")]
+    assert [Path(x["bundle"]).parent for x in summaries] == [Path(r[r.index("--out") + 1]) for r in runs]
 
 
 @pytest.mark.parametrize("world", sorted(WORLDS))

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in one script (a GPU machine is lent only now and then, for a
 # few minutes): CUDA training with bf16 autocast on the real Criteo sample, deterministic CUDA reruns,
-# batch prediction, the GPU training benchmark, and a full-size run of the product's training loop.
+# batch prediction, component parallelism on NCCL (torchrun, one rank), the GPU training benchmark, and a
+# full-size run of the product's training loop.
 #
 #   OUT=/some/dir bash benchmarks/gpu_checks.sh        # exit 1 if any check failed or missed its target
 #   DEVICE=cpu QUICK=1 bash benchmarks/gpu_checks.sh   # self-check of the script on a machine without a GPU

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # the recipe so that the shell splits it: pip gets the requirement and each option as separate arguments.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test lint bench bench-ingest bench-train bench-train-quick bench-threads bench-serve clean
+.PHONY: venv demo test lint bench bench-ingest bench-train bench-train-quick bench-threads bench-component-parallel bench-serve clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,6 +42,10 @@ bench-train-quick: venv
 # The chosen intra-op thread count against every fixed count, alone and beside two busy jobs.
 bench-threads: venv
 	$(PY) benchmarks/bench_threads.py
+
+# Steps/s of one process against two component-parallel ranks (torchrun, gloo) at K = 4.
+bench-component-parallel: venv
+	$(PY) benchmarks/bench_component_parallel.py
 
 # bench-serve drives the server with wrk (apt-get install wrk): a C client, so the load generator
 # takes little of the CPU the server is measured on.

@@ -132,6 +132,10 @@ class TrainConfig(_Section):
         0.0, ge=0.0, description="exponential moving average of the weights over this many epochs (0 = off); "
         "evaluation, best-step selection and the bundle use the averaged weights"
     )
+    parallelism: Literal["data", "component"] = Field(
+        "data", description="under torchrun: data (DDP, every rank holds all K components) or component "
+        "(each rank owns whole components; see docs/multi-device.md)"
+    )
     best_step_selection: Literal["ensemble", "none"] = Field(
         "ensemble", description="ensemble: keep the weights of the best validation logloss; none: the final weights"
     )

@@ -128,6 +128,9 @@ class PlanSpec:
     seed: int
     rank: int = 0
     world: int = 1
+    #: Component parallelism: this rank's components are ``first_component .. first_component +
+    #: components - 1`` of the ensemble, so it draws exactly their orders (streams 1 + k).
+    first_component: int = 0
 
 
 def _buffer_batches(
@@ -138,7 +141,8 @@ def _buffer_batches(
     b = spec.batch_size
     steps = math.ceil(n / b)
     if spec.independent:
-        perm = torch.stack([permutation(n, spec.seed, epoch, buffer, 1 + k) for k in range(spec.components)])
+        ks = range(spec.first_component, spec.first_component + spec.components)
+        perm = torch.stack([permutation(n, spec.seed, epoch, buffer, 1 + k) for k in ks])
     else:
         perm = permutation(n, spec.seed, epoch, buffer, SHARED_STREAM)
     pen_perm = None

@@ -63,6 +63,11 @@ def evaluate(
 ) -> Evaluation:
     chunks = iter_eval_chunks(source, cat_cols, dense_cols, cfg.data.eval_batch_size)
     logits, labels = predict_logits(model, chunks, device, cfg.train.amp)
+    return score_logits(logits, labels, cfg)
+
+
+def score_logits(logits: np.ndarray, labels: np.ndarray, cfg: Config) -> Evaluation:
+    """The metrics of component logits [K, N] against labels [N] (also for logits gathered from ranks)."""
     if labels.size == 0:
         return Evaluation(logits, labels, math.nan, math.nan, math.nan)
     z = torch.from_numpy(logits)

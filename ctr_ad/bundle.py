@@ -106,6 +106,8 @@ def save(
         "prediction": config.model.prediction,
         "source": getattr(features, "source", None),
         "cardinalities": list(model.cardinalities),
+        "embedding_table_rows": list(model.table_rows),
+        "share_embeddings": model.share_embeddings,
         "n_dense": model.n_dense,
         **metadata,
     }
@@ -245,7 +247,11 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         config = Config.from_dict(config_data, origin=str(bundle_dir / CONFIG))
     except UserError as exc:
         raise BundleError(str(exc)) from None
-    model = EnsembleCTR.from_config(config.model, features.cardinalities, len(features.dense_columns))
+    try:
+        model = EnsembleCTR.from_config(config.model, features.cardinalities, len(features.dense_columns),
+                                        fields=features.categorical_columns)
+    except UserError as exc:
+        raise BundleError(f"{bundle_dir / CONFIG}: {exc}") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     _check_shapes(expected, state, weights_path)
     _check_finite(state, weights_path)

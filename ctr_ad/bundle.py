@@ -2,7 +2,8 @@
 
 A bundle is the directory ``RUN_DIR/bundle/``::
 
-    model.safetensors   EnsembleCTR weights (embedding.weight [K·rows, d], weights.i [K, in, out], biases.i)
+    model.safetensors   EnsembleCTR weights (embedding.weight [K·rows, d] — [rows, d] with one shared table —,
+                        weights.i [K, in, out], biases.i)
     features.json       the fitted FeatureProcessor (the one transform shared by ingest, predict, service)
     config.yaml         the resolved training config
     metadata.json       version, created_at, K, penalty, lambda, data fingerprint, valid/test metrics, …

@@ -178,10 +178,16 @@ class DataConfig(_Section):
     stream_buffer_rows: int = Field(
         1_000_000, ge=1, description="stream loader: rows of consecutive row groups shuffled together"
     )
-    prefetch_batches: int = Field(
-        2, ge=0, description="batches a background thread prepares ahead of the training step (pinned host "
-        "memory on CUDA); 0 = prepare each batch in the training loop"
+    prefetch_batches: int | None = Field(
+        None, ge=0, description="batches a background thread prepares ahead of the training step (pinned host "
+        "memory on CUDA); 0 = prepare each batch in the training loop; None = 2 on CUDA or with the stream "
+        "loader, 0 for the memory loader on CPU (where the gather would compete with the step for the cores)"
     )
+
+    def prefetch_depth(self, device_type: str) -> int:
+        if self.prefetch_batches is not None:
+            return self.prefetch_batches
+        return 2 if device_type == "cuda" or self.loader == "stream" else 0
 
 
 class Config(_Section):

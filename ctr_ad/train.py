@@ -20,6 +20,10 @@ Optimizers: AdamW (``lr``, ``weight_decay``) for the MLP; embeddings by ``embedd
 sparse gradients, so a step touches only the rows of the batch). Under DDP sparse gradients fall back
 to dense ones with Adam (allreduce of sparse tensors is unsupported by NCCL and slow on gloo).
 
+Memory: before the model is built, the parameter, gradient and optimizer-state bytes per device are
+printed and checked against what the device has (``ctr_ad.memory``); a model that cannot fit is refused
+in one line. Batches come from a background thread (``data.prefetch_batches``, ``ctr_ad.prefetch``).
+
 Reproducibility: ``seed_init`` draws the weights (components one after another, so they differ),
 ``seed_data`` the data orders (pure functions of seed, epoch and component: see ``ctr_ad.data``).
 ``deterministic`` adds ``torch.use_deterministic_algorithms(True)``. A checkpoint (model, optimizers,
@@ -315,10 +319,10 @@ class Trainer:
             self.plan = StreamBatches(self.data.train, cat_cols, dense_cols, spec, self.cfg.data.stream_buffer_rows)
             self.valid = self.data.valid
             self.test = self.data.test if has_test else None
-        if self.cfg.data.prefetch_batches:
+        depth = self.cfg.data.prefetch_depth(self.device.type)
+        if depth:
             # A background thread prepares the next batches (pinned for non-blocking copies on CUDA).
-            self.plan = PrefetchedBatches(self.plan, self.cfg.data.prefetch_batches,
-                                          pin_memory=self.device.type == "cuda")
+            self.plan = PrefetchedBatches(self.plan, depth, pin_memory=self.device.type == "cuda")
         self._warn_one_class()
         self.total_steps = self.plan.steps_per_epoch * t.epochs
         if t.max_steps is not None:

@@ -20,7 +20,7 @@ from ctr_ad import bundle as bundle_mod
 from ctr_ad import checkpoint
 from ctr_ad import train as train_mod
 from ctr_ad.cli import main as cli_main
-from ctr_ad.config import load_config
+from ctr_ad.config import DataConfig, load_config
 from ctr_ad.data import Batch, MemoryBatches, PlanSpec, StreamBatches, TensorData
 from ctr_ad.errors import UserError
 from ctr_ad.memory import LIMIT_ENV, estimate_memory
@@ -66,6 +66,10 @@ def test_prefetch_gives_the_same_batches_in_the_same_order() -> None:
         assert prefetched.steps_per_epoch == plan.steps_per_epoch == len(plain) == 16
         assert same_batches(list(prefetched.batches(epoch=2)), plain)
         assert same_batches(list(prefetched.batches(epoch=2, start_step=5)), plain[5:])  # resume
+    # By default a thread prefetches on CUDA and for the stream loader, not for the CPU memory loader.
+    assert [DataConfig().prefetch_depth("cpu"), DataConfig().prefetch_depth("cuda")] == [0, 2]
+    assert DataConfig(loader="stream").prefetch_depth("cpu") == 2
+    assert DataConfig(prefetch_batches=0).prefetch_depth("cuda") == 0
     # Leaving the loop early stops the thread; an error in the loader is raised in the training loop.
     before = threading.active_count()
     for i, _ in enumerate(PrefetchedBatches(plan, 2).batches(0)):

@@ -339,7 +339,14 @@ class Trainer:
                                    self.sparse)
         local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
         available, source = available_memory(self.device, self.t.memory_limit_gib, processes=local)
-        self._say(check_fits(estimate, available, source, self.device))
+        refusal: UserError | None = None
+        try:
+            self._say(check_fits(estimate, available, source, self.device))
+        except UserError as exc:
+            refusal = exc
+        # Every rank refuses together, so none waits at a collective for one that stopped.
+        if dist_mod.any_rank(self.ctx, refusal is not None, self.device):
+            raise refusal or UserError(f"another rank: {estimate.describe()} does not fit its device")
 
     def _warn_one_class(self) -> None:
         """A split with one label value trains a constant model and has no AUC: say so up front."""

@@ -2,7 +2,8 @@
 
 A bundle is the directory ``RUN_DIR/bundle/``::
 
-    model.safetensors   EnsembleCTR weights (embedding.weight [K·rows, d], weights.i [K, in, out], biases.i)
+    model.safetensors   EnsembleCTR weights (embedding.weight [K·rows, d] — [rows, d] with one shared table —,
+                        weights.i [K, in, out], biases.i)
     features.json       the fitted FeatureProcessor (the one transform shared by ingest, predict, service)
     config.yaml         the resolved training config
     metadata.json       version, created_at, K, penalty, lambda, data fingerprint, valid/test metrics, …
@@ -106,6 +107,8 @@ def save(
         "prediction": config.model.prediction,
         "source": getattr(features, "source", None),
         "cardinalities": list(model.cardinalities),
+        "embedding_table_rows": list(model.table_rows),
+        "share_embeddings": model.share_embeddings,
         "n_dense": model.n_dense,
         **metadata,
     }
@@ -251,7 +254,11 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         config = Config.from_dict(config_data, origin=str(bundle_dir / CONFIG))
     except UserError as exc:
         raise BundleError(str(exc)) from None
-    model = EnsembleCTR.from_config(config.model, features.cardinalities, len(features.dense_columns))
+    try:
+        model = EnsembleCTR.from_config(config.model, features.cardinalities, len(features.dense_columns),
+                                        fields=features.categorical_columns)
+    except UserError as exc:
+        raise BundleError(f"{bundle_dir / CONFIG}: {exc}") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     _check_shapes(expected, state, weights_path)
     _check_finite(state, weights_path)

@@ -6,10 +6,11 @@ and bundle (``config.to_dict()``), so a bundle always says exactly how it was tr
 
 YAML layout (all sections optional, defaults below)::
 
-    model:             {components, embedding_dim, mlp, dropout, activation, smelu_beta, prediction}
+    model:             {components, embedding_dim, mlp, dropout, activation, smelu_beta, prediction,
+                        anchor, anchor_C, hash_buckets, share_embeddings}
     anti_distillation: {penalty, lambda, warmup_steps, data_order, penalty_batch_size, signed, eps}
     train:             {batch_size, epochs, lr, embedding_lr, embedding_optimizer, ...}
-    data:              {loader, eval_batch_size, stream_buffer_rows}
+    data:              {loader, eval_batch_size, stream_buffer_rows, prefetch_batches}
 """
 
 from __future__ import annotations
@@ -44,6 +45,36 @@ class ModelConfig(_Section):
         "none", description="logreg: z_k = z_linear + h_k, a converged logistic regression fitted first and frozen"
     )
     anchor_C: float | None = Field(None, gt=0.0, description="the anchor's inverse L2 (None: chosen on valid)")
+    hash_buckets: int | dict[str, int] | None = Field(
+        None,
+        description="bound the embedding tables: a field with more vocabulary entries than N keeps its missing "
+        "and out-of-vocabulary rows and hashes the others into N rows; one N for every field, or {field: N} "
+        "for the fields named (None: every vocabulary entry has its own row)",
+    )
+    share_embeddings: bool = Field(
+        False, description="one embedding table shared by the K components (K-fold less table memory); the "
+        "MLP towers stay separate"
+    )
+
+    @field_validator("hash_buckets")
+    @classmethod
+    def _positive_buckets(cls, buckets: int | dict[str, int] | None) -> int | dict[str, int] | None:
+        values = buckets.values() if isinstance(buckets, dict) else [] if buckets is None else [buckets]
+        if any(n < 1 for n in values):
+            raise ValueError("every hash bucket count must be >= 1")
+        return buckets
+
+    def hash_buckets_for(self, fields: list[str]) -> list[int | None]:
+        """The bucket count of each categorical field, in model order (None: not hashed); UserError
+        for a field name the data does not have."""
+        if self.hash_buckets is None:
+            return [None] * len(fields)
+        if isinstance(self.hash_buckets, int):
+            return [self.hash_buckets] * len(fields)
+        unknown = sorted(set(self.hash_buckets) - set(fields))
+        if unknown:
+            raise UserError(f"model.hash_buckets: unknown categorical field(s) {unknown}; the data has {fields}")
+        return [self.hash_buckets.get(f) for f in fields]
 
     @field_validator("mlp")
     @classmethod
@@ -128,6 +159,10 @@ class TrainConfig(_Section):
     amp: bool = Field(True, description="bf16 autocast on CUDA (ignored on CPU)")
     progress: bool = Field(True, description="tqdm bar (only shown on a tty)")
     threads: int | None = Field(None, ge=1, description="torch CPU threads (None: chosen from work and CPUs)")
+    memory_limit_gib: float | None = Field(
+        None, gt=0.0, description="memory one device may give the model (None: CUDA free memory, or available "
+        "RAM on CPU); training refuses to start when parameters, gradients and optimizer state exceed 90 % of it"
+    )
     weight_averaging_epochs: float = Field(
         0.0, ge=0.0, description="exponential moving average of the weights over this many epochs (0 = off); "
         "evaluation, best-step selection and the bundle use the averaged weights"
@@ -147,6 +182,16 @@ class DataConfig(_Section):
     stream_buffer_rows: int = Field(
         1_000_000, ge=1, description="stream loader: rows of consecutive row groups shuffled together"
     )
+    prefetch_batches: int | None = Field(
+        None, ge=0, description="batches a background thread prepares ahead of the training step (pinned host "
+        "memory on CUDA); 0 = prepare each batch in the training loop; None = 2 on CUDA or with the stream "
+        "loader, 0 for the memory loader on CPU (where the gather would compete with the step for the cores)"
+    )
+
+    def prefetch_depth(self, device_type: str) -> int:
+        if self.prefetch_batches is not None:
+            return self.prefetch_batches
+        return 2 if device_type == "cuda" or self.loader == "stream" else 0
 
 
 class Config(_Section):

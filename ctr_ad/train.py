@@ -22,6 +22,10 @@ to dense ones with Adam (allreduce of sparse tensors is unsupported by NCCL and 
 ``train.parallelism: component`` instead gives each rank whole components and keeps them sparse
 (``ctr_ad.component_parallel``).
 
+Memory: before the model is built, the parameter, gradient and optimizer-state bytes per device are
+printed and checked against what the device has (``ctr_ad.memory``); a model that cannot fit is refused
+in one line. Batches come from a background thread (``data.prefetch_batches``, ``ctr_ad.prefetch``).
+
 Reproducibility: ``seed_init`` draws the weights (components one after another, so they differ),
 ``seed_data`` the data orders (pure functions of seed, epoch and component: see ``ctr_ad.data``).
 ``deterministic`` adds ``torch.use_deterministic_algorithms(True)``. A checkpoint (model, optimizers,
@@ -73,9 +77,11 @@ from ctr_ad.evaluation import Evaluation, autocast, evaluate, score_logits
 from ctr_ad.files import finite_or_none
 from ctr_ad.layout import DataDir, RunDir
 from ctr_ad.losses import lambda_at, summed_bce
+from ctr_ad.memory import available_memory, check_fits, estimate_memory
 from ctr_ad.model import EnsembleCTR
 from ctr_ad.optim import build_optimizers, build_schedulers, clip_grad_norm
 from ctr_ad.penalties import penalty_value
+from ctr_ad.prefetch import PrefetchedBatches
 from ctr_ad.threads import apply_threads, model_step_flops
 
 logger = logging.getLogger(__name__)
@@ -85,7 +91,10 @@ _ANCHOR_CACHE: dict[tuple[str | None, float | None], Any] = {}
 
 # Config keys that may change between a run and its resume (they do not change the math).
 # A checkpoint holds the whole ensemble under either parallelism, so a run may resume under the other.
-RESUME_FREE_KEYS = {("train", "device"), ("train", "progress"), ("train", "threads"), ("train", "parallelism")}
+RESUME_FREE_KEYS = {
+    ("train", "device"), ("train", "progress"), ("train", "threads"), ("train", "parallelism"),
+    ("train", "memory_limit_gib"), ("data", "prefetch_batches"),
+}
 
 
 class TrainingInterrupted(Exception):
@@ -246,6 +255,7 @@ class Trainer:
         self._choose_threads()
         checkpoint = self._prepare_run_dir(resume)
         self._build_data()
+        self._check_memory()
         self._build_model(fit_anchor=checkpoint is None)
         self.state = LoopState()
         self.window = Window()
@@ -315,7 +325,7 @@ class Trainer:
             world=self.shard_world,
         )
         has_test = self.data.test.is_file()
-        self.plan: MemoryBatches | StreamBatches
+        self.plan: MemoryBatches | StreamBatches | PrefetchedBatches
         self.valid: TensorData | Path
         self.test: TensorData | Path | None
         if self.cfg.data.loader == "memory":
@@ -326,6 +336,10 @@ class Trainer:
             self.plan = StreamBatches(self.data.train, cat_cols, dense_cols, spec, self.cfg.data.stream_buffer_rows)
             self.valid = self.data.valid
             self.test = self.data.test if has_test else None
+        depth = self.cfg.data.prefetch_depth(self.device.type)
+        if depth:
+            # A background thread prepares the next batches (pinned for non-blocking copies on CUDA).
+            self.plan = PrefetchedBatches(self.plan, depth, pin_memory=self.device.type == "cuda")
         self._warn_one_class()
         self.total_steps = self.plan.steps_per_epoch * t.epochs
         if t.max_steps is not None:
@@ -343,6 +357,22 @@ class Trainer:
             f"penalty={ad.penalty} λ={ad.lam}, order={ad.data_order}, device={self.device}, world={ctx.world}"
         )
 
+    def _check_memory(self) -> None:
+        """Say what the model will hold per device, and refuse before allocating it when it cannot fit."""
+        f = self.features
+        estimate = estimate_memory(self.cfg, f.cardinalities, f.categorical_columns, len(f.dense_columns),
+                                   self.sparse)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        available, source = available_memory(self.device, self.t.memory_limit_gib, processes=local)
+        refusal: UserError | None = None
+        try:
+            self._say(check_fits(estimate, available, source, self.device))
+        except UserError as exc:
+            refusal = exc
+        # Every rank refuses together, so none waits at a collective for one that stopped.
+        if dist_mod.any_rank(self.ctx, refusal is not None, self.device):
+            raise refusal or UserError(f"another rank: {estimate.describe()} does not fit its device")
+
     def _warn_one_class(self) -> None:
         """A split with one label value trains a constant model and has no AUC: say so up front."""
         import polars as pl
@@ -358,7 +388,8 @@ class Trainer:
     def _build_model(self, fit_anchor: bool) -> None:
         t, ctx = self.t, self.ctx
         model = EnsembleCTR.from_config(
-            self.cfg.model, self.features.cardinalities, len(self.features.dense_columns), sparse=self.sparse
+            self.cfg.model, self.features.cardinalities, len(self.features.dense_columns), sparse=self.sparse,
+            fields=self.features.categorical_columns,
         )
         model.reset_parameters(torch.Generator().manual_seed(t.seed_init))
         if model.anchored and fit_anchor:  # a resumed run restores the anchor with the weights
@@ -519,7 +550,8 @@ class Trainer:
                 logits = self.net(cat, dense)
             shared = None
             if batch.penalty is not None:
-                shared = self.net(batch.penalty.cat.to(dev), batch.penalty.dense.to(dev), dropout=False)
+                shared = self.net(batch.penalty.cat.to(dev, non_blocking=True),
+                                  batch.penalty.dense.to(dev, non_blocking=True), dropout=False)
             elif ad.active and self.cfg.model.dropout > 0:
                 shared = self.net(cat, dense, dropout=False)
         logits = logits.float()

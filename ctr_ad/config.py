@@ -200,6 +200,15 @@ class Config(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     data: DataConfig = Field(default_factory=DataConfig)
 
+    @model_validator(mode="after")
+    def _components_own_their_tables(self) -> Config:
+        # Component parallelism splits every parameter by component; one table shared by all of
+        # them belongs to none, and slicing it would silently train the wrong rows.
+        if self.train.parallelism == "component" and self.model.share_embeddings:
+            raise ValueError("train.parallelism: component needs a table per component; "
+                             "model.share_embeddings: true shares one (use train.parallelism: data)")
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         """Plain, YAML/JSON-able dict using the file's key names (``lambda``, not ``lam``)."""
         return self.model_dump(mode="json", by_alias=True)

@@ -272,3 +272,12 @@ def test_share_embeddings_trains_one_table_and_its_bundle_serves(tmp_path: Path,
                                rtol=1e-5, atol=1e-7)
     assert np.ptp(pred.components, axis=1).mean() > 1e-4  # the towers stay separate models
     assert result.test_metrics is not None and result.test_metrics["auc"] > 0.6
+
+
+def test_component_parallelism_refuses_a_shared_table() -> None:
+    from ctr_ad.config import Config
+
+    shared = {"model": {"share_embeddings": True}}
+    with pytest.raises(UserError, match="share_embeddings"):
+        Config.from_dict({"train": {"parallelism": "component"}, **shared}, "cfg.yaml")
+    assert Config.from_dict({"train": {"parallelism": "data"}, **shared}).model.share_embeddings

@@ -132,8 +132,9 @@ class TrainConfig(_Section):
         0.0, ge=0.0, description="exponential moving average of the weights over this many epochs (0 = off); "
         "evaluation, best-step selection and the bundle use the averaged weights"
     )
-    best_step_selection: Literal["ensemble", "none"] = Field(
-        "ensemble", description="ensemble: keep the weights of the best validation logloss; none: the final weights"
+    best_step_selection: Literal["ensemble", "per_component", "none"] = Field(
+        "ensemble", description="ensemble: keep the weights of the best validation logloss; per_component: each "
+        "component keeps its own best evaluation (ctr_ad/selection.py); none: the final weights"
     )
 
 

@@ -250,6 +250,10 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         raise BundleError(f"{bundle_dir}: unreadable metadata/config/features ({exc})") from None
     if metadata.get("bundle_format") != BUNDLE_FORMAT:
         raise BundleError(f"{bundle_dir / METADATA}: unsupported bundle_format {metadata.get('bundle_format')!r}")
+    if isinstance(config_data, dict) and isinstance(config_data.get("model"), dict):
+        # Bundles written before the anchor existed have no such key and no anchor weights; the
+        # built-in default (an anchored model) must not be read into them.
+        config_data["model"].setdefault("anchor", "none")
     try:
         config = Config.from_dict(config_data, origin=str(bundle_dir / CONFIG))
     except UserError as exc:

@@ -11,6 +11,11 @@ YAML layout (all sections optional, defaults below)::
     anti_distillation: {penalty, lambda, warmup_steps, data_order, penalty_batch_size, signed, eps}
     train:             {batch_size, epochs, lr, embedding_lr, embedding_optimizer, ...}
     data:              {loader, eval_batch_size, stream_buffer_rows, prefetch_batches}
+
+The defaults are the reproducibility recipe confirmed under the experiment protocol (docs/experiments.md,
+"Reproducibility v2"): independent data orders, a frozen logistic-regression anchor, weight averaging
+over one epoch and no best-step selection at a fixed length of 2 epochs. Experiment configs state the
+plain baseline's settings explicitly (``model.anchor: none`` etc.) rather than relying on defaults.
 """
 
 from __future__ import annotations
@@ -42,7 +47,7 @@ class ModelConfig(_Section):
     smelu_beta: float = Field(1.0, gt=0.0, description="SmeLU half-width β")
     prediction: Literal["mean_prob", "mean_logit"] = "mean_prob"
     anchor: Literal["none", "logreg"] = Field(
-        "none", description="logreg: z_k = z_linear + h_k, a converged logistic regression fitted first and frozen"
+        "logreg", description="logreg: z_k = z_linear + h_k, a converged logistic regression fitted first and frozen"
     )
     anchor_C: float | None = Field(None, gt=0.0, description="the anchor's inverse L2 (None: chosen on valid)")
     hash_buckets: int | dict[str, int] | None = Field(
@@ -88,7 +93,7 @@ class AntiDistillationConfig(_Section):
     penalty: str = Field("none", description="'none' or a name in ctr_ad.penalties.PENALTIES")
     lam: float = Field(0.0, ge=0.0, alias="lambda", description="penalty weight λ (0 = plain ensemble)")
     warmup_steps: int = Field(0, ge=0, description="λ grows linearly from 0 over this many steps")
-    data_order: Literal["shared", "independent"] = "shared"
+    data_order: Literal["shared", "independent"] = "independent"
     # With independent orders each step also draws one shared batch that every component sees; the
     # penalty is computed there (correlations between components need common rows). None = batch_size.
     penalty_batch_size: int | None = Field(None, ge=2)
@@ -135,7 +140,7 @@ class AntiDistillationConfig(_Section):
 
 class TrainConfig(_Section):
     batch_size: int = Field(256, ge=1)
-    epochs: int = Field(5, ge=1)
+    epochs: int = Field(2, ge=1, description="with best_step_selection none this fixed length is the run")
     max_steps: int | None = Field(None, ge=1, description="stop after this many steps (None = epochs only)")
     lr: float = Field(1e-3, gt=0.0, description="Adam learning rate of the MLP weights")
     embedding_lr: float | None = Field(None, gt=0.0, description="embedding learning rate (None = lr)")
@@ -148,7 +153,7 @@ class TrainConfig(_Section):
     lr_schedule: Literal["constant", "cosine", "linear"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
     early_stopping_patience: int | None = Field(
-        2, ge=1, description="evaluations without a better valid logloss before stopping (None = off)"
+        None, ge=1, description="evaluations without a better valid logloss before stopping (None = off)"
     )
     eval_every_steps: int = Field(0, ge=0, description="0 = evaluate at the end of every epoch")
     checkpoint_every_steps: int = Field(0, ge=0, description="0 = checkpoint only at evaluations/SIGTERM")
@@ -164,15 +169,16 @@ class TrainConfig(_Section):
         "RAM on CPU); training refuses to start when parameters, gradients and optimizer state exceed 90 % of it"
     )
     weight_averaging_epochs: float = Field(
-        0.0, ge=0.0, description="exponential moving average of the weights over this many epochs (0 = off); "
+        1.0, ge=0.0, description="exponential moving average of the weights over this many epochs (0 = off); "
         "evaluation, best-step selection and the bundle use the averaged weights"
     )
     parallelism: Literal["data", "component"] = Field(
         "data", description="under torchrun: data (DDP, every rank holds all K components) or component "
         "(each rank owns whole components; see docs/multi-device.md)"
     )
-    best_step_selection: Literal["ensemble", "none"] = Field(
-        "ensemble", description="ensemble: keep the weights of the best validation logloss; none: the final weights"
+    best_step_selection: Literal["ensemble", "per_component", "none"] = Field(
+        "none", description="ensemble: keep the weights of the best validation logloss; per_component: each "
+        "component keeps its own best evaluation (ctr_ad/selection.py); none: the final weights"
     )
 
 
@@ -207,6 +213,15 @@ class Config(_Section):
         if self.train.parallelism == "component" and self.model.share_embeddings:
             raise ValueError("train.parallelism: component needs a table per component; "
                              "model.share_embeddings: true shares one (use train.parallelism: data)")
+        # Per-component selection copies each component's rows of its own table, and indexes the
+        # components of the whole ensemble (a component-parallel rank holds only its own).
+        if self.train.best_step_selection == "per_component":
+            if self.model.share_embeddings:
+                raise ValueError("train.best_step_selection: per_component needs a table per component; "
+                                 "model.share_embeddings: true shares one")
+            if self.train.parallelism == "component":
+                raise ValueError("train.best_step_selection: per_component is not supported with "
+                                 "train.parallelism: component (use ensemble or none)")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -170,6 +170,21 @@ class EnsembleCTR(nn.Module):
             z = z + dense.to(self.anchor_dense.dtype) @ self.anchor_dense
         return z
 
+    #: state_dict entries every component shares (the frozen anchor); all others are stacked per component.
+    SHARED_STATE = frozenset({"anchor_cat", "anchor_dense", "anchor_bias"})
+
+    def component_part(self, name: str, tensor: Tensor, k: int) -> Tensor | None:
+        """Component ``k``'s part (a view) of ``tensor``, this model's state_dict entry ``name``, or None
+        for an entry all components share. Per-component best-step selection copies these parts."""
+        if name in self.SHARED_STATE:
+            return None
+        if name == "embedding.weight":
+            rows = tensor.shape[0] // self.components
+            return tensor[k * rows : (k + 1) * rows]
+        if name.startswith(("weights.", "biases.")):
+            return tensor[k]
+        raise ValueError(f"no per-component layout is known for the state entry {name!r}")
+
     def parameter_groups(self) -> dict[str, list[nn.Parameter]]:
         """The optimizer groups: ``dense`` (MLP weights and biases) and ``embedding`` (the one table,
         whose gradient is sparse when the model was built with ``sparse=True``)."""

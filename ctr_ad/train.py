@@ -82,6 +82,7 @@ from ctr_ad.model import EnsembleCTR
 from ctr_ad.optim import build_optimizers, build_schedulers, clip_grad_norm
 from ctr_ad.penalties import penalty_value
 from ctr_ad.prefetch import PrefetchedBatches
+from ctr_ad.selection import improved_components, keep_components
 from ctr_ad.threads import apply_threads, model_step_flops
 
 logger = logging.getLogger(__name__)
@@ -146,6 +147,9 @@ class LoopState:
     best_logloss: float = math.inf
     best_auc: float = math.nan
     best_step: int = 0
+    #: best_step_selection: per_component — each component's best validation logloss and its step.
+    component_best_logloss: list[float] = field(default_factory=list)
+    component_best_step: list[int] = field(default_factory=list)
     bad_evals: int = 0
     stopped_early: bool = False
     done: bool = False
@@ -638,7 +642,9 @@ class Trainer:
                 raise self._diverged("a validation logit")
             improved = ev.logloss < s.best_logloss
             selecting = self.t.best_step_selection == "ensemble"
-            if improved or not selecting:
+            if self.t.best_step_selection == "per_component":
+                improved = self._keep_best_components(ev)
+            elif improved or not selecting:
                 # Without selection the latest evaluation stands for the run (its final weights).
                 s.best_logloss, s.best_auc, s.best_step = ev.logloss, ev.auc, s.step
                 self.best_weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
@@ -663,6 +669,7 @@ class Trainer:
             "valid_logloss": ev.logloss,
             "valid_auc": ev.auc,
             "valid_component_logloss": ev.component_logloss_mean,
+            "valid_logloss_by_component": ev.component_logloss,
             "examples_per_s": w.examples_per_s(),
             "best": improved,
         }
@@ -670,6 +677,23 @@ class Trainer:
             with self.run.metrics.open("a") as fh:
                 fh.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
         self.window = Window()
+
+    def _keep_best_components(self, ev: Evaluation) -> bool:
+        """Each component keeps the weights of its own best validation logloss; True if any improved."""
+        s = self.state
+        k = self.cfg.model.components
+        if not s.component_best_logloss:
+            s.component_best_logloss, s.component_best_step = [math.inf] * k, [0] * k
+        losses = ev.component_logloss or [math.nan] * k
+        better = improved_components(losses, s.component_best_logloss)
+        if not better:
+            return False
+        self.best_weights = keep_components(self.model, self.best_weights, better)
+        for c in better:
+            s.component_best_logloss[c], s.component_best_step[c] = losses[c], s.step
+        # The kept ensemble mixes steps: its validation figures are measured again in finish().
+        s.best_logloss, s.best_auc, s.best_step = math.nan, math.nan, max(s.component_best_step)
+        return True
 
     def _evaluated_weights(self) -> Any:
         """The weights evaluation and selection see: the averaged ones when averaging is on."""
@@ -717,9 +741,11 @@ class Trainer:
         s = self.state
         if self.best_weights is not None:
             self.model.load_state_dict(self.best_weights)
-        valid_metrics = {"logloss": s.best_logloss, "auc": s.best_auc}
         test = self._score(self.test) if self.test is not None else None
         valid = self._score(self.valid)
+        if self.t.best_step_selection == "per_component":
+            s.best_logloss, s.best_auc = valid.logloss, valid.auc
+        valid_metrics = {"logloss": s.best_logloss, "auc": s.best_auc}
         test_metrics = test.metrics() if test is not None else None
         if self.shards is not None:
             self.model = self._whole_ensemble()

@@ -281,3 +281,8 @@ def test_component_parallelism_refuses_a_shared_table() -> None:
     with pytest.raises(UserError, match="share_embeddings"):
         Config.from_dict({"train": {"parallelism": "component"}, **shared}, "cfg.yaml")
     assert Config.from_dict({"train": {"parallelism": "data"}, **shared}).model.share_embeddings
+    per_component = {"best_step_selection": "per_component"}
+    with pytest.raises(UserError, match="per_component"):
+        Config.from_dict({"train": per_component, **shared}, "cfg.yaml")
+    with pytest.raises(UserError, match="per_component"):
+        Config.from_dict({"train": {**per_component, "parallelism": "component"}}, "cfg.yaml")

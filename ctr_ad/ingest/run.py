@@ -62,6 +62,7 @@ from ctr_ad.ingest.reader import (
     read_chunks,
 )
 from ctr_ad.schema import get_source
+from ctr_ad.vocabulary import resolve_max_vocab
 
 log = logging.getLogger(__name__)
 
@@ -263,6 +264,7 @@ def run_ingest(
     if opts.split == "files" and len(inputs) != 3:
         raise UserError("--split files takes exactly 3 inputs: train, valid, test (in that order)")
     spec = get_source(source)
+    resolve_max_vocab(opts.max_vocab, list(spec.categorical))  # a bad cap fails before any work
     layouts = [open_source(p, spec) for p in inputs]
     for lay in layouts:
         if lay.label is None:
@@ -314,7 +316,9 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
         split_rows = dict.fromkeys(SPLITS, 0)
         by_kind: Counter = Counter()
         examples: list[dict] = []
-        fp = FeatureProcessor.unfitted(source, spec, dense, opts.min_count)
+        fp = FeatureProcessor.unfitted(source, spec, dense, opts.min_count, max_vocab=opts.max_vocab,
+                                       count_spill_dir=spill_dir / "counts",
+                                       count_memory_bytes=opts.count_memory_mib << 20)
         task_files: list[int] = []
 
         def tasks() -> Iterator[tuple]:
@@ -348,6 +352,7 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
                     if len(examples) < 5:
                         examples.append(rec)
         _check_rows(file_stats, by_kind, examples, quarantine_path, inputs, out, opts)
+        fp.finish_fit()  # the vocabularies from the (possibly spilled) counts; frees them
         log.info("fitted features: vocab sizes %s", ", ".join(
             f"{c}={n}" for c, n in zip(fp.categorical_columns, fp.cardinalities, strict=True)))
 

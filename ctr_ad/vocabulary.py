@@ -38,26 +38,44 @@ COUNT_SCHEMA = {"value": pl.String, "count": pl.Int64}
 SPILL_SCHEMA = {"field": pl.UInt16, **COUNT_SCHEMA}
 
 
+def check_caps(max_vocab: object) -> int | dict[str, int] | None:
+    """The shape of a ``max_vocab`` option: None, a whole number >= 1, or a mapping of field name to
+    one; ValueError naming the bad field otherwise (field names are checked by :func:`resolve_max_vocab`)."""
+    if max_vocab is None:
+        return None
+
+    def whole(n: object) -> bool:
+        return isinstance(n, int) and not isinstance(n, bool) and n >= 1
+
+    if isinstance(max_vocab, Mapping):
+        for f, n in max_vocab.items():
+            if not isinstance(f, str):
+                raise ValueError(f"field names must be text (got {f!r})")
+            if not whole(n):
+                raise ValueError(f"field {f!r}: the cap must be a whole number of at least 1 (got {n!r})")
+        return dict(max_vocab)
+    if not whole(max_vocab):
+        raise ValueError(f"expected a whole number of at least 1 or a mapping of field: number (got {max_vocab!r})")
+    return max_vocab  # type: ignore[return-value]
+
+
 def resolve_max_vocab(max_vocab: int | Mapping[str, int] | None, categorical: list[str],
                       origin: str = "max_vocab") -> dict[str, int]:
     """Per-field caps from an option: None = no cap, an int caps every categorical field, a mapping
-    caps the fields it names. An unknown field or a cap below 1 is a UserError naming the field."""
-    if max_vocab is None:
+    caps the fields it names. A field the source lacks or a cap below 1 is a UserError naming it."""
+    try:
+        checked = check_caps(max_vocab)
+    except ValueError as exc:
+        raise UserError(f"{origin}: {exc}") from None
+    if checked is None:
         return {}
-    if isinstance(max_vocab, bool) or not isinstance(max_vocab, int | Mapping):
-        raise UserError(f"{origin}: expected a number or a mapping of field: number (got {max_vocab!r})")
-    if isinstance(max_vocab, int):
-        caps = dict.fromkeys(categorical, max_vocab)
-    else:
-        unknown = [f for f in max_vocab if f not in categorical]
-        if unknown:
-            raise UserError(f"{origin}: unknown categorical field {unknown[0]!r} (the fields are "
-                            f"{', '.join(categorical)})")
-        caps = {f: max_vocab[f] for f in categorical if f in max_vocab}
-    for f, n in caps.items():
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise UserError(f"{origin}: field {f!r}: the cap must be a whole number of at least 1 (got {n!r})")
-    return caps
+    if isinstance(checked, int):
+        return dict.fromkeys(categorical, checked)
+    unknown = [f for f in checked if f not in categorical]
+    if unknown:
+        raise UserError(f"{origin}: unknown categorical field {unknown[0]!r} (the fields are "
+                        f"{', '.join(categorical)})")
+    return {f: checked[f] for f in categorical if f in checked}
 
 
 def select_vocab(counts: pl.DataFrame, min_count: int, cap: int | None) -> pl.DataFrame:

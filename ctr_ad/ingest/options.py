@@ -9,9 +9,10 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, PositiveInt, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ctr_ad.strict import StrictModel, validate_model
+from ctr_ad.vocabulary import check_caps
 
 SplitMode = Literal["sequential", "random", "files"]
 
@@ -25,7 +26,7 @@ class IngestOptions(StrictModel):
     test_frac: float = Field(0.1, ge=0, lt=1, description="fraction of rows in the test split")
     min_count: int = Field(2, ge=1, description="categorical values seen fewer times in train map "
                            "to out-of-vocabulary")
-    max_vocab: PositiveInt | dict[str, PositiveInt] | None = Field(
+    max_vocab: int | dict[str, int] | None = Field(
         None, description="keep at most N values per categorical field (the most frequent; ties: the "
         "smaller value first), the rest map to out-of-vocabulary: N for every field, or per field "
         "FIELD=N,FIELD=N, or a YAML file with max_vocab: {FIELD: N}")
@@ -36,6 +37,11 @@ class IngestOptions(StrictModel):
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="fail when more than this fraction "
                                     "of rows is quarantined")
     workers: int = Field(1, ge=1, le=256, description="parallel worker processes")
+
+    @field_validator("max_vocab", mode="before")
+    @classmethod
+    def _caps(cls, value: Any) -> Any:
+        return check_caps(value)  # one message naming the bad field, not one per union member
 
     @model_validator(mode="after")
     def _fractions(self) -> IngestOptions:

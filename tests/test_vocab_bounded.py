@@ -214,3 +214,21 @@ def test_cap_files_with_a_bad_cap_or_key_are_refused(tmp_path):
     with pytest.raises(UserError, match=r"bad-key\.yaml: expected one key, max_vocab .* got 'max_vocabs'"):
         parse_max_vocab(str(bad_key))
 
+
+
+# ------------------------------------------------------------------------------ synthetic profile
+def test_criteo1tb_profile_is_seeded_and_has_its_cardinalities():
+    from ctr_ad.synthetic import CRITEO_1TB_CARDINALITIES, generate_block
+
+    a = generate_block(7, 0, 10_000, "criteo1tb")
+    assert a.equals(generate_block(7, 0, 10_000, "criteo1tb"))
+    assert not a.equals(generate_block(8, 0, 10_000, "criteo1tb"))
+    default = generate_block(7, 0, 10_000)
+    distinct = {f: a[f].drop_nulls().n_unique() for f in CRITEO_CATEGORICAL}
+    for f, card in zip(CRITEO_CATEGORICAL, CRITEO_1TB_CARDINALITIES, strict=True):
+        assert distinct[f] <= card, f  # never more values than the field has
+    # The 40M-value fields add new values at most rows (the default profile's C1 has 1,400 values).
+    assert distinct["C1"] > 3_000 and default["C1"].n_unique() <= 1_400
+    assert distinct["C6"] == 3 and distinct["C17"] == 4  # the tiny fields are all seen
+    with pytest.raises(UserError, match="unknown synthetic profile 'criteo2tb'"):
+        generate_block(7, 0, 10, "criteo2tb")

@@ -187,22 +187,16 @@ class CategoryCounter:
         return _sum_counts(acc) if acc else pl.DataFrame(schema=SPILL_SCHEMA)
 
     # ----------------------------------------------------------------------------- vocabularies
-    def vocab(self, f: str, min_count: int, cap: int | None = None) -> list[str]:
-        """The vocabulary of one field (see :meth:`vocabularies`, which reads the spills once for all)."""
-        return self.vocabularies(min_count, {f: cap} if cap is not None else {}, only=[f])[f]
-
-    def vocabularies(self, min_count: int, caps: Mapping[str, int] | None = None,
-                     only: list[str] | None = None) -> dict[str, list[str]]:
+    def vocabularies(self, min_count: int, caps: Mapping[str, int] | None = None) -> dict[str, list[str]]:
         """Per field, the values seen at least ``min_count`` times, most frequent first, ties by
         value, at most ``caps[field]`` of them."""
         caps = dict(caps or {})
-        fields = list(only) if only is not None else self.fields
+        fields = self.fields
         if self._runs == 0:
             return {f: select_vocab(self._merged(f), min_count, caps.get(f)).get_column("value").to_list()
                     for f in fields}
         self._spill()  # the rest too: every count now lives in exactly one partition of the runs
-        index = {f: i for i, f in enumerate(self.fields)}
-        wanted = {index[f]: f for f in fields}
+        wanted = dict(enumerate(fields))
         kept: dict[str, list[pl.DataFrame]] = {f: [] for f in fields}
         kept_rows: dict[str, int] = dict.fromkeys(fields, 0)
         files = [pa.memory_map(str(self._run_path(r))) for r in range(self._runs)]
@@ -225,9 +219,7 @@ class CategoryCounter:
         """Add one merged partition's candidates to ``kept``, trimming capped fields as they grow."""
         merged = merged.filter(pl.col("count") >= min_count)
         for (i,), piece in merged.partition_by("field", as_dict=True, include_key=False).items():
-            f = wanted.get(int(i))
-            if f is None:
-                continue
+            f = wanted[int(i)]
             kept[f].append(piece)
             kept_rows[f] += piece.height
             cap = caps.get(f)

@@ -359,6 +359,9 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
         # ---- pass 2: transform and write the splits
         features_path = stage / "features.json"
         fp.save(features_path)
+        # From here on the processor is the one pass 2 loads (cached per process): one copy of the
+        # vocabularies in memory, not two (they are most of what grows with the data).
+        fp = _load_features(str(features_path))
         _write_splits(stage, spills, str(features_path), pool, window, quiet)
         spill_dir.rmdir()
     finally:

@@ -30,7 +30,7 @@ class IngestOptions(StrictModel):
         None, description="keep at most N values per categorical field (the most frequent; ties: the "
         "smaller value first), the rest map to out-of-vocabulary: N for every field, or per field "
         "FIELD=N,FIELD=N, or a YAML file with max_vocab: {FIELD: N}")
-    count_memory_mib: int = Field(64, ge=0, description="memory for the vocabulary counts before "
+    count_memory_mib: int = Field(16, ge=0, description="memory for the vocabulary counts before "
                                   "they spill to disk, in MiB (0: spill after every block); the outputs "
                                   "are identical for any value")
     seed: int = Field(0, description="seed of the random split")

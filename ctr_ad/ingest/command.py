@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--valid-frac", type=float, default=default("valid_frac"), help=help_of("valid_frac"))
     parser.add_argument("--test-frac", type=float, default=default("test_frac"), help=help_of("test_frac"))
     parser.add_argument("--min-count", type=int, default=default("min_count"), help=help_of("min_count"))
+    parser.add_argument("--max-vocab", default=None, metavar="N|FIELD=N,...|FILE.yaml", help=help_of("max_vocab"))
+    parser.add_argument("--count-memory-mib", type=int, default=default("count_memory_mib"),
+                        help=help_of("count_memory_mib"))
     parser.add_argument("--seed", type=int, default=default("seed"), help=help_of("seed"))
     parser.add_argument("--max-bad-fraction", type=float, default=default("max_bad_fraction"),
                         help=help_of("max_bad_fraction"))
@@ -116,6 +119,34 @@ def declared_schema(args: argparse.Namespace):
     return TableSchema.load(args.schema, overrides)
 
 
+def parse_max_vocab(text: str | None) -> int | dict[str, int] | None:
+    """``--max-vocab``: ``N`` (every categorical field), ``FIELD=N,FIELD=N`` or a YAML file whose
+    ``max_vocab`` key holds either form. Field names are checked against the source by the ingest."""
+    if text is None:
+        return None
+    text = text.strip()
+    if text.isdigit():
+        return int(text)
+    if text.endswith((".yaml", ".yml")) or Path(text).is_file():
+        from ctr_ad.strict import load_yaml_mapping
+
+        data = load_yaml_mapping(text, "--max-vocab file")
+        extra = sorted(set(data) - {"max_vocab"})
+        if extra or "max_vocab" not in data:
+            raise UserError(f"{text}: expected one key, max_vocab (a number or FIELD: N), "
+                            f"got {', '.join(map(repr, extra)) or 'none'}")
+        return data["max_vocab"]
+    caps: dict[str, int] = {}
+    for item in text.split(","):
+        field, sep, n = item.partition("=")
+        field, n = field.strip(), n.strip()
+        if not sep or not field or not n.isdigit():
+            raise UserError(f"--max-vocab: {item.strip()!r} is not FIELD=N (a whole number); use N, "
+                            f"FIELD=N,FIELD=N or a YAML file")
+        caps[field] = int(n)
+    return caps
+
+
 class _StderrHandler(logging.StreamHandler):
     """Writes to the current ``sys.stderr`` (which tests and callers may swap), not the one at setup."""
 
@@ -147,8 +178,9 @@ def run(args: argparse.Namespace) -> int:
     if args.split is None:
         timed = schema is not None and schema.time is not None
         args.split = "time" if timed else IngestOptions.model_fields["split"].default
-    options = IngestOptions.of({name: getattr(args, name) for name in IngestOptions.model_fields},
-                               origin="ctr-ad ingest")
+    values = {name: getattr(args, name) for name in IngestOptions.model_fields}
+    values["max_vocab"] = parse_max_vocab(args.max_vocab)
+    options = IngestOptions.of(values, origin="ctr-ad ingest")
     manifest = run_ingest(args.input, args.source, args.out, options, quiet=args.quiet, schema=schema)
     rows = manifest["rows"]
     print(f"{args.out}: {rows['written']} rows written "

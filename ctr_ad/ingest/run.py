@@ -64,6 +64,7 @@ from ctr_ad.ingest.reader import (
 )
 from ctr_ad.schema import SourceSpec, get_source
 from ctr_ad.table_schema import TableSchema
+from ctr_ad.vocabulary import resolve_max_vocab
 
 log = logging.getLogger(__name__)
 
@@ -278,6 +279,7 @@ def run_ingest(
     if opts.split == "files" and len(inputs) != 3:
         raise UserError("--split files takes exactly 3 inputs: train, valid, test (in that order)")
     spec = _source_spec(source, schema)
+    resolve_max_vocab(opts.max_vocab, list(spec.categorical))  # a bad cap fails before any work
     layouts = [open_source(p, spec) for p in inputs]
     for lay in layouts:
         if lay.label is None:
@@ -348,7 +350,9 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
         split_rows = dict.fromkeys(SPLITS, 0)
         by_kind: Counter = Counter()
         examples: list[dict] = []
-        fp = FeatureProcessor.unfitted(source, spec, dense, opts.min_count)
+        fp = FeatureProcessor.unfitted(source, spec, dense, opts.min_count, max_vocab=opts.max_vocab,
+                                       count_spill_dir=spill_dir / "counts",
+                                       count_memory_bytes=opts.count_memory_mib << 20)
         task_files: list[int] = []
 
         def tasks() -> Iterator[tuple]:
@@ -382,12 +386,16 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
                     if len(examples) < 5:
                         examples.append(rec)
         _check_rows(file_stats, by_kind, examples, quarantine_path, inputs, out, opts)
+        fp.finish_fit()  # the vocabularies from the (possibly spilled) counts; frees them
         log.info("fitted features: vocab sizes %s", ", ".join(
             f"{c}={n}" for c, n in zip(fp.categorical_columns, fp.cardinalities, strict=True)))
 
         # ---- pass 2: transform and write the splits
         features_path = stage / "features.json"
         fp.save(features_path)
+        # From here on the processor is the one pass 2 loads (cached per process): one copy of the
+        # vocabularies in memory, not two (they are most of what grows with the data).
+        fp = _load_features(str(features_path))
         _write_splits(stage, spills, str(features_path), pool, window, quiet)
         spill_dir.rmdir()
     finally:

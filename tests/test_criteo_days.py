@@ -36,7 +36,7 @@ def days(tmp_path_factory) -> tuple[list[Path], list[list[bytes]]]:
         chunk = lines[start:start + n]
         start += n
         if day == 1:
-            chunk = chunk[:100] + [BAD_LINE] + chunk[100:]
+            chunk = [*chunk[:100], BAD_LINE, *chunk[100:]]
         path = folder / f"day_{day}.gz"
         path.write_bytes(gzip.compress(b"".join(chunk), mtime=0))
         paths.append(path)
@@ -79,9 +79,13 @@ def test_split_days_trains_on_all_but_the_last_day_and_halves_it(days, tmp_path)
     assert len(quarantine) == 1 and json.loads(quarantine[0])["file"].endswith("day_1.gz")
 
 
-def test_split_days_needs_two_files(days, tmp_path):
+def test_split_days_needs_two_files_in_day_order(days, tmp_path):
+    paths, _ = days
     with pytest.raises(UserError, match="--split days takes at least 2 inputs"):
-        run_ingest(days[0][:1], "criteo", tmp_path / "data", split="days", quiet=True)
+        run_ingest(paths[:1], "criteo", tmp_path / "data", split="days", quiet=True)
+    with pytest.raises(UserError, match=r"not in day order \(day_0.gz, day_2.gz, day_1.gz\)"):
+        run_ingest([paths[0], paths[2], paths[1]], "criteo", tmp_path / "data", split="days", quiet=True)
+    assert not (tmp_path / "data").exists()
 
 
 def test_a_killed_resumable_run_restarts_from_the_last_finished_file(days, tmp_path):

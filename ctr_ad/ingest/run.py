@@ -298,6 +298,8 @@ def run_ingest(
     if opts.split == "days" and len(inputs) < 2:
         raise UserError("--split days takes at least 2 inputs, one file per day in day order (the last "
                         "day is split into test and valid halves)")
+    if opts.split == "days":
+        _check_day_order(inputs)
     spec = _source_spec(source, schema)
     layouts = [open_source(p, spec) for p in inputs]
     for lay in layouts:
@@ -338,6 +340,18 @@ def run_ingest(
     log.info("wrote %s: %s in %.1fs", out, ", ".join(f"{k}={v}" for k, v in manifest["splits"].items()),
              manifest["run"]["elapsed_s"])
     return manifest
+
+
+def _check_day_order(inputs: list[Path]) -> None:
+    """Refuse day files named ``day_N…`` given out of order: a shell glob sorts day_10 before day_2,
+    which would silently test on the wrong day."""
+    numbers = [re.match(r"day_(\d+)(\D|$)", p.name) for p in inputs]
+    if all(numbers):
+        days = [int(m.group(1)) for m in numbers]  # type: ignore[union-attr]
+        if days != sorted(days) or len(set(days)) != len(days):
+            raise UserError(f"--split days: inputs are not in day order ({', '.join(p.name for p in inputs)}); "
+                            f"list them as day_0.gz day_1.gz … day_23.gz (in bash: day_{{0..23}}.gz, not a "
+                            f"glob, which puts day_10 before day_2)")
 
 
 def _source_spec(source: str, schema: TableSchema | None) -> SourceSpec:

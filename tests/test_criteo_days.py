@@ -126,3 +126,30 @@ def test_checkpoints_of_changed_inputs_are_not_reused(days, tmp_path):
     rerun = cli(*args)
     assert rerun.returncode == 0, rerun.stderr
     assert "reused" not in rerun.stderr
+
+
+def test_checkpoints_are_reused_only_while_finished_and_unchanged(days, tmp_path):
+    from ctr_ad.ingest.resume import FileCheckpoints, FileResult
+
+    paths, _ = days
+    out = tmp_path / "data"
+    store = FileCheckpoints(out, paths, "key-1")
+    folder = store.fresh_folder(0)
+    spill, part = folder / "spill-00000-000000.arrow", folder / "quarantine.jsonl"
+    spill.write_bytes(b"x")
+    part.write_text("")
+    store.save(0, FileResult(spills=[str(spill)], rows_read=7, quarantine=str(part)))
+    assert store.load(0).rows_read == 7 and store.load(1) is None
+    with pytest.raises(UserError, match=r"another ingest into .* is running"):
+        FileCheckpoints(out, paths, "key-1")  # one ingest at a time
+    store.invalidate(0)  # pass 2 is about to consume the spills
+    assert store.load(0) is None
+    store.save(0, FileResult(spills=[str(spill)], rows_read=7, quarantine=str(part)))
+    spill.unlink()  # a spill gone: redo the file
+    assert store.load(0) is None
+    store.close(success=False)
+    assert work_dir(out).is_dir()  # kept for the next run
+    other = FileCheckpoints(out, paths, "key-2")  # other inputs or options: everything goes
+    assert not other.folder(0).exists()
+    other.close(success=True)
+    assert not work_dir(out).exists()

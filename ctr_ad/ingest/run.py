@@ -3,11 +3,14 @@
 Two passes over bounded blocks of lines, so memory does not grow with the input:
 1. parse and validate every block (quarantining bad lines), decide each row's split from its
    position among the data lines (sequential: the latest lines are the test split; random: a seeded
-   hash of the position; files: one file per split), count the categorical values and dense moments
+   hash of the position; files: one file per split; days: every file but the last is train, the
+   last one's halves are test and valid), count the categorical values and dense moments
    of its training rows (``FeatureProcessor.partial_fit``), and spill the typed block to a temporary
    Arrow file;
 2. transform every spilled block with the fitted feature processor and append it to its split file.
 A sequential split needs the number of data lines first: a quick pre-pass counts newlines.
+Pass 1 goes file by file; with ``resume`` each finished file is checkpointed beside ``out`` so that a
+rerun after a kill starts from the first unfinished file (:mod:`ctr_ad.ingest.resume`).
 Blocks are independent, so both passes run on ``workers`` processes; the main process merges their
 results in block order, so the output is byte-identical for any worker count.
 

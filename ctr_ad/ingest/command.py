@@ -21,7 +21,11 @@ refused rather than silently kept or deleted.
 
 --source table reads your own CSV/TSV (plain or .gz) or Parquet log by a declared schema: a YAML file
 (--schema FILE; see docs/ingest-your-own-log.md) and/or the schema flags above, which replace the
-file's keys. With a declared time column the default split is --split time."""
+file's keys. With a declared time column the default split is --split time.
+
+Criteo 1TB: --split days --resume --input day_0.gz … day_23.gz trains on days 0-22 and splits day 23
+into test (first half, rounded up) and valid (second half), as the DLRM and MLPerf references do; see
+docs/criteo-1tb.md."""
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,10 +42,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--source", required=True, choices=sorted([*SOURCES, TABLE]),
                         help="raw log format; table: your own log, by a declared schema")
     parser.add_argument("--input", required=True, nargs="+", type=Path, metavar="PATH",
-                        help="log files (plain or .gz); with --split files: train, valid, test")
+                        help="log files (plain or .gz); with --split files: train, valid, test; with "
+                        "--split days: one file per day, in day order (day_0.gz … day_23.gz)")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR",
                         help="dataset directory, replaced only by a complete, successful run")
-    parser.add_argument("--split", default=None, choices=["sequential", "random", "files", "time"],
+    parser.add_argument("--split", default=None, choices=["sequential", "random", "files", "time", "days"],
                         help=help_of("split") + f" (default: time with a declared time column, else "
                         f"{default('split')})")
     parser.add_argument("--valid-frac", type=float, default=default("valid_frac"), help=help_of("valid_frac"))
@@ -55,6 +60,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help=help_of("max_bad_fraction"))
     parser.add_argument("--workers", type=int, default=default("workers"), help=help_of("workers"))
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors")
+    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                        help="per-file progress bar on stderr with rows/s and ETA (default: only on a "
+                        "terminal and without --quiet)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep per-file checkpoints in .OUT.ingest-resume beside OUT, so that rerunning "
+                        "the same command after a kill restarts from the last finished file; the output is "
+                        "byte-identical to an uninterrupted run; removed when the run succeeds")
     add_schema_arguments(parser.add_argument_group("declared schema (--source table)"))
 
 
@@ -181,7 +193,8 @@ def run(args: argparse.Namespace) -> int:
     values = {name: getattr(args, name) for name in IngestOptions.model_fields}
     values["max_vocab"] = parse_max_vocab(args.max_vocab)
     options = IngestOptions.of(values, origin="ctr-ad ingest")
-    manifest = run_ingest(args.input, args.source, args.out, options, quiet=args.quiet, schema=schema)
+    manifest = run_ingest(args.input, args.source, args.out, options, quiet=args.quiet, schema=schema,
+                          resume=args.resume, progress=args.progress)
     rows = manifest["rows"]
     print(f"{args.out}: {rows['written']} rows written "
           f"({', '.join(f'{k} {v}' for k, v in manifest['splits'].items())}), "

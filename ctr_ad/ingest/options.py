@@ -14,7 +14,7 @@ from pydantic import Field, field_validator, model_validator
 from ctr_ad.strict import StrictModel, validate_model
 from ctr_ad.vocabulary import check_caps
 
-SplitMode = Literal["sequential", "random", "files", "time"]
+SplitMode = Literal["sequential", "random", "files", "time", "days"]
 
 
 class IngestOptions(StrictModel):
@@ -22,7 +22,10 @@ class IngestOptions(StrictModel):
 
     split: SplitMode = Field("sequential", description="sequential keeps file order (test = latest "
                              "rows); random is seeded; files: one input file per split; time: by the "
-                             "declared time column (test = latest times)")
+                             "declared time column (test = latest times); days: one input file per day "
+                             "in day order, train on all but the last day, whose first half (rounded "
+                             "up) is test and second half valid, as DLRM/MLPerf split Criteo 1TB's "
+                             "day_23 (--valid-frac/--test-frac are then unused)")
     valid_frac: float = Field(0.1, ge=0, lt=1, description="fraction of rows in the valid split")
     test_frac: float = Field(0.1, ge=0, lt=1, description="fraction of rows in the test split")
     min_count: int = Field(2, ge=1, description="categorical values seen fewer times in train map "

@@ -3,11 +3,14 @@
 Two passes over bounded blocks of lines, so memory does not grow with the input:
 1. parse and validate every block (quarantining bad lines), decide each row's split from its
    position among the data lines (sequential: the latest lines are the test split; random: a seeded
-   hash of the position; files: one file per split), count the categorical values and dense moments
+   hash of the position; files: one file per split; days: every file but the last is train, the
+   last one's halves are test and valid), count the categorical values and dense moments
    of its training rows (``FeatureProcessor.partial_fit``), and spill the typed block to a temporary
    Arrow file;
 2. transform every spilled block with the fitted feature processor and append it to its split file.
 A sequential split needs the number of data lines first: a quick pre-pass counts newlines.
+Pass 1 goes file by file; with ``resume`` each finished file is checkpointed beside ``out`` so that a
+rerun after a kill starts from the first unfinished file (:mod:`ctr_ad.ingest.resume`).
 Blocks are independent, so both passes run on ``workers`` processes; the main process merges their
 results in block order, so the output is byte-identical for any worker count.
 
@@ -30,6 +33,8 @@ import logging
 import os
 import platform
 import re
+import shutil
+import signal
 import sys
 import time
 from collections import Counter
@@ -52,6 +57,7 @@ from ctr_ad.files import atomic_write_text, replace_dir, utc_timestamp
 from ctr_ad.hashing import sha256_file
 from ctr_ad.ingest.lifecycle import Janitor, remove_stale_staging, staging_dir, worker_init
 from ctr_ad.ingest.options import IngestOptions
+from ctr_ad.ingest.progress import FileProgress, progress_wanted
 from ctr_ad.ingest.quarantine import quarantine_summary, reason_kind, too_many_bad
 from ctr_ad.ingest.reader import (
     DEFAULT_BLOCK_BYTES,
@@ -62,6 +68,7 @@ from ctr_ad.ingest.reader import (
     parse_block,
     read_chunks,
 )
+from ctr_ad.ingest.resume import FileCheckpoints, FileResult, run_key
 from ctr_ad.schema import SourceSpec, get_source
 from ctr_ad.table_schema import TableSchema
 from ctr_ad.vocabulary import resolve_max_vocab
@@ -69,7 +76,9 @@ from ctr_ad.vocabulary import resolve_max_vocab
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
-SPLIT_MODES = ("sequential", "random", "files", "time")
+SPLIT_MODES = ("sequential", "random", "files", "time", "days")
+#: Tests only: the ingest kills itself (SIGKILL) right after checkpointing this input file index.
+KILL_AFTER_FILE_ENV = "CTR_AD_TEST_KILL_AFTER_FILE"
 PARQUET_COMPRESSION = "zstd"
 QUARANTINE = "quarantine.jsonl"
 MANIFEST = "manifest.json"
@@ -90,6 +99,10 @@ class SplitPlan:
     test_frac: float
     #: time: rows before the first cut are train, before the second valid, the rest test.
     time_cuts: tuple[float, float] = (0.0, 0.0)
+    #: days: files before ``last_file`` are train; the last file's first ``test_lines`` data lines
+    #: are test, the rest valid (positions are then data lines within the file).
+    last_file: int = -1
+    test_lines: int = 0
 
     def codes(self, positions: np.ndarray, file_index: int, times: np.ndarray | None = None) -> np.ndarray:
         """0 = train, 1 = valid, 2 = test for rows at global data-line ``positions`` (``times``: the
@@ -100,6 +113,10 @@ class SplitPlan:
             return np.where(times < valid_from, 0, np.where(times < test_from, 1, 2)).astype(np.int8)
         if self.mode == "files":
             return np.full(len(positions), file_index, dtype=np.int8)
+        if self.mode == "days":
+            if file_index < self.last_file:
+                return np.zeros(len(positions), dtype=np.int8)
+            return np.where(positions < self.test_lines, 2, 1).astype(np.int8)
         idx = positions.astype(np.uint64)
         if self.mode == "sequential":
             return np.where(idx < self.train_lines, 0,
@@ -261,12 +278,16 @@ def run_ingest(
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     quiet: bool = False,
     schema: TableSchema | None = None,
+    resume: bool = False,
+    progress: bool | None = None,
     **overrides: Any,
 ) -> dict:
     """Ingest ``inputs`` into ``out``; returns the manifest (also written to ``out/manifest.json``).
 
     ``options`` (or keyword overrides of its fields, e.g. ``split="files"``) say how; ``quiet`` turns
-    off progress bars (messages go to the ``ctr_ad.ingest.run`` logger). ``out`` is replaced only
+    off progress bars unless ``progress`` forces them on or off (messages go to the ``ctr_ad.ingest.run``
+    logger). ``resume`` keeps per-file checkpoints beside ``out`` so that a rerun after a kill starts
+    from the last finished file (see :mod:`ctr_ad.ingest.resume`). ``out`` is replaced only
     when the whole run succeeds. ``source="table"`` reads a user's log by its declared ``schema``.
     """
     opts = _resolve_options(options, overrides)
@@ -278,6 +299,11 @@ def run_ingest(
         raise UserError("no input files")
     if opts.split == "files" and len(inputs) != 3:
         raise UserError("--split files takes exactly 3 inputs: train, valid, test (in that order)")
+    if opts.split == "days" and len(inputs) < 2:
+        raise UserError("--split days takes at least 2 inputs, one file per day in day order (the last "
+                        "day is split into test and valid halves)")
+    if opts.split == "days":
+        _check_day_order(inputs)
     spec = _source_spec(source, schema)
     resolve_max_vocab(opts.max_vocab, list(spec.categorical))  # a bad cap fails before any work
     layouts = [open_source(p, spec) for p in inputs]
@@ -299,16 +325,38 @@ def run_ingest(
     except OSError as exc:
         raise _os_error(exc, stage) from None
     janitor = Janitor(stage)
+    checkpoints = None
+    succeeded = False
     try:
-        manifest = _ingest_into(stage, inputs, layouts, source, spec, out, opts, block_bytes, quiet)
+        if resume:
+            settings = {"source": source, "schema": spec.table.document() if spec.table is not None else None,
+                        "options": opts.manifest_options(), "block_bytes": block_bytes}
+            checkpoints = FileCheckpoints(out, inputs, run_key(inputs, settings))
+        manifest = _ingest_into(stage, inputs, layouts, source, spec, out, opts, block_bytes, quiet,
+                                checkpoints, progress)
         replace_dir(stage, out)
+        succeeded = True
     except OSError as exc:
         raise _os_error(exc, stage) from None
     finally:
         janitor.close()
+        if checkpoints is not None:
+            checkpoints.close(succeeded)
     log.info("wrote %s: %s in %.1fs", out, ", ".join(f"{k}={v}" for k, v in manifest["splits"].items()),
              manifest["run"]["elapsed_s"])
     return manifest
+
+
+def _check_day_order(inputs: list[Path]) -> None:
+    """Refuse day files named ``day_N…`` given out of order: a shell glob sorts day_10 before day_2,
+    which would silently test on the wrong day."""
+    numbers = [re.match(r"day_(\d+)(\D|$)", p.name) for p in inputs]
+    if all(numbers):
+        days = [int(m.group(1)) for m in numbers]  # type: ignore[union-attr]
+        if days != sorted(days) or len(set(days)) != len(days):
+            raise UserError(f"--split days: inputs are not in day order ({', '.join(p.name for p in inputs)}); "
+                            f"list them as day_0.gz day_1.gz … day_23.gz (in bash: day_{{0..23}}.gz, not a "
+                            f"glob, which puts day_10 before day_2)")
 
 
 def _source_spec(source: str, schema: TableSchema | None) -> SourceSpec:
@@ -325,7 +373,8 @@ def _source_spec(source: str, schema: TableSchema | None) -> SourceSpec:
 
 
 def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source: str, spec: SourceSpec,
-                 out: Path, opts: IngestOptions, block_bytes: int, quiet: bool) -> dict:
+                 out: Path, opts: IngestOptions, block_bytes: int, quiet: bool,
+                 checkpoints: FileCheckpoints | None = None, progress: bool | None = None) -> dict:
     """Both passes, writing every output into ``stage`` (manifest last); returns the manifest."""
     started = time.time()
     dense = list(layouts[0].dense)
@@ -346,45 +395,44 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
             plan = dataclasses.replace(plan, time_cuts=time_cuts(inputs, layouts, opts, block_bytes, pool, window))
         file_stats = [{"path": str(p), "rows_read": 0, "rows_written": 0, "rows_quarantined": 0}
                       for p in inputs]
-        spills: list[str] = []
         split_rows = dict.fromkeys(SPLITS, 0)
         by_kind: Counter = Counter()
         examples: list[dict] = []
         fp = FeatureProcessor.unfitted(source, spec, dense, opts.min_count, max_vocab=opts.max_vocab,
                                        count_spill_dir=spill_dir / "counts",
                                        count_memory_bytes=opts.count_memory_mib << 20)
-        task_files: list[int] = []
-
-        def tasks() -> Iterator[tuple]:
-            for fi, (path, lay) in enumerate(zip(inputs, layouts, strict=True)):
-                offset = line_offsets[fi]
-                if opts.split != "sequential":  # positions only need to be distinct and stable
-                    offset = fi << 40
-                for first_line, block, long_lines in iter_blocks(path, lay, block_bytes):
-                    spill = str(spill_dir / f"spill-{len(spills):06d}.arrow")
-                    spills.append(spill)
-                    task_files.append(fi)
-                    task = BlockTask(lay, first_line, block, long_lines, spill, fi, offset)
-                    yield task, plan, list(spec.categorical), dense, spec.dense_transform
-
+        spills: list[str] = []
+        spill_files: list[int] = []
         quarantine_path = stage / QUARANTINE
-        with open(quarantine_path, "w", encoding="utf-8") as qf:
-            results = _ordered_map(_parse_count_spill, tasks(), pool, window)
-            for i, result in enumerate(_progress(results, quiet, "ingest: read")):
-                good, per_split, read, bad, statistics = result
-                fi = task_files[i]
-                fp.partial_fit(statistics=statistics)
-                for name, n in zip(SPLITS, per_split, strict=True):
-                    split_rows[name] += n
-                fs = file_stats[fi]
-                fs["rows_read"] += read
-                fs["rows_written"] += good
-                fs["rows_quarantined"] += len(bad)
-                for rec in bad:
-                    qf.write(json.dumps(rec, ensure_ascii=False) + "\n")
-                    by_kind[reason_kind(rec["reason"])] += 1
-                    if len(examples) < 5:
-                        examples.append(rec)
+        bar = FileProgress(inputs, progress_wanted(progress, quiet))
+        try:
+            with open(quarantine_path, "w", encoding="utf-8") as qf:
+                for fi in range(len(inputs)):
+                    result = checkpoints.load(fi) if checkpoints is not None else None
+                    resumed = result is not None
+                    bar.start_file(fi)
+                    if result is None:
+                        result = _read_file(fi, inputs, layouts, line_offsets, plan, spec, dense, opts,
+                                            block_bytes, pool, window, spill_dir, checkpoints, qf, bar)
+                    else:
+                        log.info("%s: finished by an earlier run, reused", inputs[fi])
+                        bar.rows_done(result.rows_read)
+                    bar.file_done(fi, resumed)
+                    for statistics in result.statistics:
+                        fp.partial_fit(statistics=statistics)
+                    for name, n in zip(SPLITS, result.per_split, strict=True):
+                        split_rows[name] += n
+                    file_stats[fi].update(rows_read=result.rows_read, rows_written=result.rows_written,
+                                          rows_quarantined=result.rows_quarantined)
+                    by_kind.update(result.by_kind)
+                    examples.extend(result.examples[: 5 - len(examples)])
+                    spills.extend(result.spills)
+                    spill_files.extend([fi] * len(result.spills))
+                    if checkpoints is not None:  # the file's quarantined lines, kept in its folder
+                        with open(result.quarantine, encoding="utf-8") as part:
+                            shutil.copyfileobj(part, qf)
+        finally:
+            bar.close()
         _check_rows(file_stats, by_kind, examples, quarantine_path, inputs, out, opts)
         fp.finish_fit()  # the vocabularies from the (possibly spilled) counts; frees them
         log.info("fitted features: vocab sizes %s", ", ".join(
@@ -396,7 +444,8 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
         # From here on the processor is the one pass 2 loads (cached per process): one copy of the
         # vocabularies in memory, not two (they are most of what grows with the data).
         fp = _load_features(str(features_path))
-        _write_splits(stage, spills, str(features_path), pool, window, quiet)
+        _write_splits(stage, _consume(spills, spill_files, checkpoints), str(features_path), pool, window,
+                      quiet or progress is False)
         spill_dir.rmdir()
     finally:
         if pool is not None:
@@ -408,6 +457,67 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
         manifest = {**manifest, "schema": spec.table.document()}
     atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
+
+
+def _read_file(fi: int, inputs: list[Path], layouts: list[Layout], line_offsets: list[int], plan: SplitPlan,
+               spec: SourceSpec, dense: list[str], opts: IngestOptions, block_bytes: int,
+               pool: ProcessPoolExecutor | None, window: int, spill_dir: Path,
+               checkpoints: FileCheckpoints | None, qf: Any, bar: FileProgress) -> FileResult:
+    """Pass 1 over input ``fi``: its blocks in order, checkpointed when ``checkpoints`` is given."""
+    path, lay = inputs[fi], layouts[fi]
+    offset = line_offsets[fi]
+    if opts.split not in ("sequential", "days"):  # positions only need to be distinct and stable
+        offset = fi << 40
+    folder = checkpoints.fresh_folder(fi) if checkpoints is not None else spill_dir
+    result = FileResult()
+    part = None
+    if checkpoints is not None:
+        result.quarantine = str(folder / QUARANTINE)
+        part = open(result.quarantine, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+    sink = part if part is not None else qf
+    by_kind: Counter = Counter()
+
+    def tasks() -> Iterator[tuple]:
+        for first_line, block, long_lines in iter_blocks(path, lay, block_bytes):
+            name = f"spill-{fi:05d}-{len(result.spills):06d}.arrow"
+            result.spills.append(str(folder / name))
+            task = BlockTask(lay, first_line, block, long_lines, result.spills[-1], fi, offset)
+            yield task, plan, list(spec.categorical), dense, spec.dense_transform
+
+    try:
+        for good, per_split, read, bad, statistics in _ordered_map(_parse_count_spill, tasks(), pool, window):
+            result.statistics.append(statistics)
+            result.per_split = [a + b for a, b in zip(result.per_split, per_split, strict=True)]
+            result.rows_read += read
+            result.rows_written += good
+            result.rows_quarantined += len(bad)
+            for rec in bad:
+                sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                by_kind[reason_kind(rec["reason"])] += 1
+                if len(result.examples) < 5:
+                    result.examples.append(rec)
+            bar.rows_done(read)
+    finally:
+        if part is not None:
+            part.close()
+    result.by_kind = dict(by_kind)
+    if checkpoints is not None:
+        checkpoints.save(fi, result)
+        if os.environ.get(KILL_AFTER_FILE_ENV) == str(fi):  # tests: die right after this checkpoint
+            os.kill(os.getpid(), signal.SIGKILL)
+    log.info("%s: %d rows (%d/%d files)", path, result.rows_read, fi + 1, len(inputs))
+    return result
+
+
+def _consume(spills: list[str], spill_files: list[int], checkpoints: FileCheckpoints | None) -> Iterator[str]:
+    """The spills in order for pass 2, which deletes them: a file stops counting as finished
+    (for ``--resume``) before its first spill goes."""
+    last = -1
+    for spill, fi in zip(spills, spill_files, strict=True):
+        if checkpoints is not None and fi != last:
+            checkpoints.invalidate(fi)
+        last = fi
+        yield spill
 
 
 def _check_rows(file_stats: list[dict], by_kind: Counter, examples: list[dict], quarantine_path: Path,
@@ -432,6 +542,14 @@ def _check_rows(file_stats: list[dict], by_kind: Counter, examples: list[dict], 
 
 def _split_plan(inputs: list[Path], layouts: list[Layout], opts: IngestOptions) -> tuple[SplitPlan, list[int]]:
     """The split rule and each file's first data-line position (a sequential split counts lines first)."""
+    if opts.split == "days":
+        # The published Criteo 1TB protocol (DLRM, MLPerf): the last day's first half (rounded up) is
+        # test, its second half validation. Only the last file needs counting.
+        last = len(inputs) - 1
+        test_lines = (count_data_lines(inputs[last], layouts[last]) + 1) // 2
+        return (SplitPlan("days", opts.seed, 0, 0, opts.valid_frac, opts.test_frac, last_file=last,
+                          test_lines=test_lines),
+                [0] * len(inputs))
     if opts.split != "sequential":
         return SplitPlan(opts.split, opts.seed, 0, 0, opts.valid_frac, opts.test_frac), [0] * len(inputs)
     data_lines = [count_data_lines(p, lay) for p, lay in zip(inputs, layouts, strict=True)]
@@ -478,7 +596,7 @@ def _manifest(stage: Path, inputs: list[Path], source: str, opts: IngestOptions,
     return manifest
 
 
-def _write_splits(stage: Path, spills: list[str], features_path: str, pool: ProcessPoolExecutor | None,
+def _write_splits(stage: Path, spills: Iterable[str], features_path: str, pool: ProcessPoolExecutor | None,
                   window: int, quiet: bool) -> None:
     writers: dict[str, pq.ParquetWriter] = {}
     schema: pa.Schema | None = None

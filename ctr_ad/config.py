@@ -10,6 +10,7 @@ YAML layout (all sections optional, defaults below)::
     anti_distillation: {penalty, lambda, warmup_steps, data_order, penalty_batch_size, signed, eps}
     train:             {batch_size, epochs, lr, embedding_lr, embedding_optimizer, ...}
     data:              {loader, eval_batch_size, stream_buffer_rows}
+    tracking:          {experiment, uri, run_name, log_artifacts, tags}   (optional: MLflow, ctr_ad.tracking)
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ctr_ad.errors import UserError
 from ctr_ad.strict import StrictModel, describe_validation_error, load_yaml_mapping, validate_model
+from ctr_ad.tracking import TrackingConfig
 
 __all__ = ["Config", "describe_validation_error", "load_config", "set_dotted"]
 
@@ -150,10 +152,15 @@ class Config(_Section):
     anti_distillation: AntiDistillationConfig = Field(default_factory=AntiDistillationConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    tracking: TrackingConfig | None = Field(None, description="log `ctr-ad train` runs to MLflow (ctr_ad.tracking)")
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, YAML/JSON-able dict using the file's key names (``lambda``, not ``lam``)."""
-        return self.model_dump(mode="json", by_alias=True)
+        """Plain, YAML/JSON-able dict using the file's key names (``lambda``, not ``lam``). Without a
+        ``tracking`` section the key is left out, so configs, bundles and replica hashes stay as before."""
+        data = self.model_dump(mode="json", by_alias=True)
+        if data.get("tracking") is None:
+            data.pop("tracking", None)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], origin: str = "config") -> Config:

@@ -98,8 +98,14 @@ def _export_graph(bundle: bundle_mod.Bundle, path: Path) -> None:
 
 
 def _document(bundle: bundle_mod.Bundle, features_sha256: str) -> dict[str, Any]:
-    from service.model_store import model_version
+    from service.model_store import model_version, offline_metrics
 
+    metadata = dict(bundle.metadata)
+    # The offline reproducibility the service compares live PD with: a published bundle's figures live
+    # in published/offline_metrics.json, which does not travel with the graph, so carry them inside it.
+    offline = offline_metrics(bundle.path, bundle.metadata)
+    if offline is not None:
+        metadata["offline_metrics"] = offline
     return {
         "format": 1,
         "model_version": model_version(bundle.path, bundle.metadata),
@@ -108,7 +114,7 @@ def _document(bundle: bundle_mod.Bundle, features_sha256: str) -> dict[str, Any]
         "inputs": {"cat": list(bundle.features.categorical_columns), "dense": list(bundle.features.dense_columns)},
         "bundle": str(bundle.path),
         "config": bundle.config.to_dict(),
-        "metadata": bundle.metadata,
+        "metadata": metadata,
     }
 
 

@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # the recipe so that the shell splits it: pip gets the requirement and each option as separate arguments.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test lint bench bench-ingest bench-train bench-train-quick bench-threads bench-serve clean
+.PHONY: venv demo test lint bench bench-ingest bench-train bench-train-quick bench-loader bench-threads bench-component-parallel bench-serve clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,7 +27,7 @@ test: venv
 lint: venv
 	$(VENV)/bin/ruff check .
 
-bench: bench-ingest bench-train bench-threads bench-serve
+bench: bench-ingest bench-train bench-loader bench-threads bench-serve
 
 bench-ingest: venv
 	$(PY) benchmarks/bench_ingest.py
@@ -39,9 +39,17 @@ bench-train: venv
 bench-train-quick: venv
 	$(PY) benchmarks/bench_train.py --quick
 
+# Loader steps/s (memory, stream; no model) against the training step at K = 4, batch 4096, in one run.
+bench-loader: venv
+	$(PY) benchmarks/bench_loader.py
+
 # The chosen intra-op thread count against every fixed count, alone and beside two busy jobs.
 bench-threads: venv
 	$(PY) benchmarks/bench_threads.py
+
+# Steps/s of one process against two component-parallel ranks (torchrun, gloo) at K = 4.
+bench-component-parallel: venv
+	$(PY) benchmarks/bench_component_parallel.py
 
 # bench-serve drives the server with wrk (apt-get install wrk): a C client, so the load generator
 # takes little of the CPU the server is measured on.

@@ -5,8 +5,10 @@ user of either tool pays) and peak RSS is not polluted by the driver's memory or
 Repeats are interleaved round-robin (A B C, A B C, ...) rather than back-to-back (A A A, B B B) so a
 slow phase of a noisy machine hits every configuration alike; medians are reported.
 
-    python benchmarks/bench_ingest.py                    # 2M rows main, 1M/5M flatness, 3 repeats
+    python benchmarks/bench_ingest.py                    # 2M rows main, 1M/5M flatness, 3 repeats,
+                                                         # then criteo1tb memory at 1M/20M
     python benchmarks/bench_ingest.py --quick            # smoke run on tiny files
+    python benchmarks/bench_ingest.py --memory-only --rows-memory 1000000 5000000   # that part alone
     python benchmarks/bench_ingest.py --baseline --input F --out DIR   # the pandas baseline alone
 """
 
@@ -202,6 +204,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help=f"JSON output (default {DEFAULT_RESULTS.relative_to(ROOT)}; work dir with --quick)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds before a single run is killed")
     p.add_argument("--check", action="store_true", help="exit 1 when a target is missed (for CI)")
+    p.add_argument("--rows-memory", type=int, nargs=2, default=None, metavar=("SMALL", "LARGE"),
+                   help="bounded memory: the two sizes of the criteo1tb profile whose peak RSS is compared "
+                        "(default 1,000,000 20,000,000; 20,000 100,000 with --quick)")
+    p.add_argument("--memory-max-vocab", type=int, default=100_000,
+                   help="bounded memory: the --max-vocab of the capped variant (the other is uncapped)")
+    p.add_argument("--memory-repeats", type=int, default=None, help="bounded memory: runs per size and "
+                   "variant (default: --repeats)")
+    p.add_argument("--memory-only", action="store_true",
+                   help="run only the bounded-memory part; its section replaces 'bounded_memory' in the "
+                        "results file and the rest of the file is kept")
     # Internal: run the pandas baseline in this process (the driver starts it as a subprocess).
     p.add_argument("--baseline", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--input", type=Path, help=argparse.SUPPRESS)
@@ -211,8 +223,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         args.rows_main = 50_000 if args.quick else 2_000_000
     if args.rows_flat is None:
         args.rows_flat = [20_000, 100_000] if args.quick else [1_000_000, 5_000_000]
+    if args.rows_memory is None:
+        args.rows_memory = [20_000, 100_000] if args.quick else [1_000_000, 20_000_000]
     if args.repeats is None:
         args.repeats = 1 if args.quick else 3
+    if args.memory_repeats is None:
+        args.memory_repeats = args.repeats
     if args.results is None:
         args.results = args.work_dir / "ingest-quick.json" if args.quick else DEFAULT_RESULTS
     return args
@@ -234,6 +250,11 @@ def main(argv: list[str] | None = None) -> int:
     code_before = source_fingerprint()
     work: Path = args.work_dir
     work.mkdir(parents=True, exist_ok=True)
+    # First, while this driver is still small (no polars, no generated data): a child's ru_maxrss
+    # starts at its parent's, so the children measured here must be spawned from a lean process.
+    memory = bounded_memory(args, work)
+    if args.memory_only:
+        return 0
     small, large = args.rows_flat
     inputs = {n: dataset(work, n, args.seed) for n in sorted({args.rows_main, small, large})}
     for path in inputs.values():
@@ -317,7 +338,8 @@ def main(argv: list[str] | None = None) -> int:
                    f"peak_rss_ours_w{args.workers_alt}_over_baseline":
                        round(ours_alt.median_rss() / base_main.median_rss(), 3),
                    f"peak_rss_ours_{large}_over_{small}": round(flatness, 3)},
-        "targets": targets,
+        "targets": [*targets, *memory["targets"]],
+        "bounded_memory": memory,
         "checks": {"train_split_equivalent_to_baseline": equivalence,
                    "baseline_summary": baseline_summary,
                    # The pipeline promises byte-identical outputs for any worker count.
@@ -342,6 +364,33 @@ def main(argv: list[str] | None = None) -> int:
           f"train split equivalent to baseline: {equivalence and equivalence['equivalent']}")
     print(f"results: {args.results}")
     return 1 if args.check and not all(t["met"] for t in targets) else 0
+
+
+def bounded_memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
+    """The criteo1tb memory part (``ingest_memory``); with ``--memory-only`` it is saved into the
+    results file at once, keeping the file's other sections."""
+    import os
+
+    import ingest_memory
+    from common import machine_info, utc_timestamp, write_json
+
+    started = utc_timestamp()
+    section = ingest_memory.measure(work, tuple(args.rows_memory), args.seed, args.memory_max_vocab,
+                                    args.memory_repeats, args.timeout)
+    section = {"started_at": started, "finished_at": utc_timestamp(),
+               "load_average_at_end": [round(x, 2) for x in os.getloadavg()],
+               "ours_source_sha256": source_fingerprint(), **section}
+    for t in section["targets"]:
+        print(f"[bench] {t['name']:<36} {t.get('value', t.get('value_mib'))!s:>8}  met: {t['met']}",
+              file=sys.stderr)
+    if args.memory_only:
+        previous = json.loads(args.results.read_text(encoding="utf-8")) if args.results.exists() else {}
+        previous.setdefault("benchmark", "ingest")
+        previous["bounded_memory"] = {"machine": machine_info(["polars", "pyarrow", "numpy", "psutil"]),
+                                      **section}
+        write_json(args.results, previous)
+        print(f"results: {args.results} (bounded_memory)")
+    return section
 
 
 if __name__ == "__main__":

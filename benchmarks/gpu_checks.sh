@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every check that needs a CUDA GPU, in one script (a GPU machine is lent only now and then, for a
 # few minutes): CUDA training with bf16 autocast on the real Criteo sample, deterministic CUDA reruns,
-# batch prediction, the GPU training benchmark, and a full-size run of the product's training loop.
+# batch prediction, component parallelism on NCCL (torchrun, one rank), the GPU training benchmark, and a
+# full-size run of the product's training loop.
 #
 #   OUT=/some/dir bash benchmarks/gpu_checks.sh        # exit 1 if any check failed or missed its target
 #   DEVICE=cpu QUICK=1 bash benchmarks/gpu_checks.sh   # self-check of the script on a machine without a GPU
@@ -42,6 +43,14 @@ tee_to() {  # tee_to FILE COMMAND...: run it, copying stdout to FILE; the comman
   shift
   "$@" | tee "$file"
 }
+stderr_to() {  # stderr_to FILE COMMAND...: run it, keeping its stderr in FILE (and showing it); status kept
+  local file=$1
+  shift
+  "$@" 2>"$file"
+  local rc=$?
+  cat "$file" >&2
+  return $rc
+}
 finish() {
   step "summary"
   if [ ${#FAILED[@]} -gt 0 ]; then
@@ -80,6 +89,29 @@ a, b = (pl.read_parquet(f"{w}/det-{r}.parquet") for r in "ab")
 same = a.equals(b)
 print("deterministic CUDA predictions identical:", same, "rows", a.height)
 sys.exit(0 if same else 1)
+EOF
+
+step "component parallelism under torchrun --nproc_per_node 1 (NCCL on CUDA): equal to one plain process"
+# One rank owns all K = 4 components, so the run must match a plain process bit for bit in deterministic
+# mode while going through the component-parallel path: the process group, the all-gather of the
+# penalty's logits, the loss all-reduce, gathered evaluation, checkpoint and bundle.
+BACKEND=$([ "$DEVICE" = cuda ] && echo nccl || echo gloo)
+CP_SETS=(--set train.epochs=2 --set anti_distillation.penalty=negative_correlation --set model.components=4)
+check component-parallel-plain $CTR train --data "$WORK/c8k" --config pipelines/configs/demo.yaml \
+  --out "$WORK/cp-plain" --device $DEVICE --deterministic --no-progress "${CP_SETS[@]}"
+check component-parallel-torchrun stderr_to "$OUT/component-parallel-$DEVICE.log" $PY -m torch.distributed.run \
+  --standalone --nproc_per_node 1 -m ctr_ad.cli train --data "$WORK/c8k" --config pipelines/configs/demo.yaml \
+  --out "$WORK/cp-1" --device $DEVICE --deterministic --no-progress "${CP_SETS[@]}" \
+  --set train.parallelism=component
+check component-parallel-backend grep -q "rank 0 owns components 0..3 (backend $BACKEND)" "$OUT/component-parallel-$DEVICE.log"
+check component-parallel-equal $PY - "$WORK" <<'EOF'
+import sys
+from safetensors.torch import load_file
+w = sys.argv[1]
+a, b = (load_file(f"{w}/{r}/bundle/model.safetensors") for r in ("cp-plain", "cp-1"))
+diff = max(float((a[k] - b[k]).abs().max()) for k in a) if a.keys() == b.keys() else float("inf")
+print("component-parallel (1 rank) vs plain process, max |weight difference|:", diff)
+sys.exit(0 if diff <= 1e-5 else 1)
 EOF
 
 step "GPU training benchmark (data resident on the GPU)"

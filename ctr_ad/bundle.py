@@ -2,7 +2,8 @@
 
 A bundle is the directory ``RUN_DIR/bundle/``::
 
-    model.safetensors   EnsembleCTR weights (embedding.weight [K·rows, d], weights.i [K, in, out], biases.i)
+    model.safetensors   EnsembleCTR weights (embedding.weight [K·rows, d] — [rows, d] with one shared table —,
+                        weights.i [K, in, out], biases.i)
     features.json       the fitted FeatureProcessor (the one transform shared by ingest, predict, service)
     config.yaml         the resolved training config
     metadata.json       version, created_at, K, penalty, lambda, data fingerprint, valid/test metrics, …
@@ -106,6 +107,8 @@ def save(
         "prediction": config.model.prediction,
         "source": getattr(features, "source", None),
         "cardinalities": list(model.cardinalities),
+        "embedding_table_rows": list(model.table_rows),
+        "share_embeddings": model.share_embeddings,
         "n_dense": model.n_dense,
         **metadata,
     }
@@ -137,6 +140,7 @@ class Bundle:
         self._cat_cols: list[str] = list(features.categorical_columns)
         self._dense_cols: list[str] = list(features.dense_columns)
         self._cardinalities = torch.tensor(model.cardinalities, dtype=torch.long, device=self.device)
+        self._cardinalities_np = np.asarray(model.cardinalities, dtype=np.int64)
 
     def __repr__(self) -> str:
         return f"Bundle({str(self.path)!r}, K={self.components}, penalty={self.metadata.get('penalty')!r})"
@@ -150,18 +154,23 @@ class Bundle:
             raise ValueError(f"cat must be [N, {len(self._cat_cols)}], got {tuple(cat_t.shape)}")
         if dense_t.dim() != 2 or dense_t.shape != (n, len(self._dense_cols)):
             raise ValueError(f"dense must be [{n}, {len(self._dense_cols)}], got {tuple(dense_t.shape)}")
-        if n and ((cat_t < 0).any() or (cat_t >= self._cardinalities).any()):
+        if n and self._out_of_range(cat, cat_t):
             raise ValueError("categorical index out of range for this bundle's vocabularies")
+        k = self.components
         with torch.inference_mode():
             logits = self.model(cat_t, dense_t).float()  # [K, N]
             probs = torch.sigmoid(logits)
             ctr = ensemble_probability(logits, self.config.model.prediction)
             std = probs.std(dim=0, correction=0)
-        return Prediction(
-            ctr=ctr.cpu().double().numpy(),
-            components=probs.T.cpu().double().numpy(),
-            component_std=std.cpu().double().numpy(),
-        )
+            # One device->host copy and one float64 conversion for all three outputs: per request
+            # each tensor op costs more than its arithmetic on a handful of rows.
+            table = torch.cat([probs, ctr.unsqueeze(0), std.unsqueeze(0)]).T.cpu().double().numpy()
+        return Prediction(ctr=table[:, k], components=table[:, :k], component_std=table[:, k + 1])
+
+    def _out_of_range(self, cat: np.ndarray | torch.Tensor, cat_t: torch.Tensor) -> bool:
+        if isinstance(cat, np.ndarray):  # numpy's reductions on a few rows cost a fraction of torch's
+            return bool(cat.min() < 0 or (cat >= self._cardinalities_np).any())
+        return bool((cat_t < 0).any() or (cat_t >= self._cardinalities).any())
 
     def predict_frame(self, frame: pl.DataFrame) -> Prediction:
         """Score a model-ready frame (the output of ``bundle.features.transform``)."""
@@ -241,11 +250,19 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> Bundle:
         raise BundleError(f"{bundle_dir}: unreadable metadata/config/features ({exc})") from None
     if metadata.get("bundle_format") != BUNDLE_FORMAT:
         raise BundleError(f"{bundle_dir / METADATA}: unsupported bundle_format {metadata.get('bundle_format')!r}")
+    if isinstance(config_data, dict) and isinstance(config_data.get("model"), dict):
+        # Bundles written before the anchor existed have no such key and no anchor weights; the
+        # built-in default (an anchored model) must not be read into them.
+        config_data["model"].setdefault("anchor", "none")
     try:
         config = Config.from_dict(config_data, origin=str(bundle_dir / CONFIG))
     except UserError as exc:
         raise BundleError(str(exc)) from None
-    model = EnsembleCTR.from_config(config.model, features.cardinalities, len(features.dense_columns))
+    try:
+        model = EnsembleCTR.from_config(config.model, features.cardinalities, len(features.dense_columns),
+                                        fields=features.categorical_columns)
+    except UserError as exc:
+        raise BundleError(f"{bundle_dir / CONFIG}: {exc}") from None
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     _check_shapes(expected, state, weights_path)
     _check_finite(state, weights_path)

@@ -6,21 +6,32 @@ Two loaders, chosen by ``data.loader`` in the config:
   a batch is an ``index_select`` with a slice of a seeded permutation (no per-row ``__getitem__``);
 * ``stream`` — for splits larger than memory: consecutive Parquet row groups are grouped into
   buffers of about ``stream_buffer_rows`` rows; each epoch visits the buffers in a seeded order and
-  shuffles rows inside a buffer exactly as the memory loader shuffles the whole split.
+  shuffles rows inside a buffer exactly as the memory loader shuffles the whole split. With a shared
+  data order every component reads the same buffer at the same step (batches do not cross buffers).
+  With ``data_order: independent`` each component — and the shared penalty batch — has its **own**
+  buffer order and its own row order inside each buffer; its epoch is the concatenation of its
+  shuffled buffers, cut into batches of exactly ``batch_size`` rows (a batch may span two buffers), so
+  every component has the same number of steps and the orders are as independent as the memory
+  loader's. The price: each buffer is read once per stream and epoch (K + 1 reads with a penalty
+  batch, K without), and up to about 2 (K + 1) buffers are resident at once.
 
-Orders are pure functions of (seed_data, epoch, buffer, stream), so a resumed run regenerates them
-and skips to its step — no sampler state needs saving. With ``data_order: independent`` every
-component gets its own permutation (stream 1 + k) and the batch is [K, B, ...]; when the
-anti-distillation penalty is active each step also carries a *shared* batch (stream ``PENALTY``)
-that all components see, on which the penalty is computed.
+Orders are pure functions of (seed_data, epoch, buffer, stream) — a buffer order uses buffer −1 —
+so a resumed run regenerates them and skips to its step, unread: no sampler state needs saving.
+With ``data_order: independent`` every component gets its own permutation (stream 1 + k) and the
+batch is [K, B, ...]; when the anti-distillation penalty is active each step also carries a *shared*
+batch (stream ``PENALTY``) that all components see, on which the penalty is computed.
+
+:class:`ctr_ad.prefetch.PrefetchedBatches` runs either loader in a background thread.
 
 Under DDP each rank takes its contiguous shard of every global batch (``torch.tensor_split``).
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,6 +139,9 @@ class PlanSpec:
     seed: int
     rank: int = 0
     world: int = 1
+    #: Component parallelism: this rank's components are ``first_component .. first_component +
+    #: components - 1`` of the ensemble, so it draws exactly their orders (streams 1 + k).
+    first_component: int = 0
 
 
 def _buffer_batches(
@@ -138,7 +152,8 @@ def _buffer_batches(
     b = spec.batch_size
     steps = math.ceil(n / b)
     if spec.independent:
-        perm = torch.stack([permutation(n, spec.seed, epoch, buffer, 1 + k) for k in range(spec.components)])
+        ks = range(spec.first_component, spec.first_component + spec.components)
+        perm = torch.stack([permutation(n, spec.seed, epoch, buffer, 1 + k) for k in ks])
     else:
         perm = permutation(n, spec.seed, epoch, buffer, SHARED_STREAM)
     pen_perm = None
@@ -207,7 +222,10 @@ class StreamBatches:
         self.rows = sum(r for _, r in self.buffers)
         if self.rows == 0:
             raise UserError(f"{path}: training split is empty")
-        self.steps_per_epoch = sum(math.ceil(r / spec.batch_size) for _, r in self.buffers)
+        if spec.independent:  # each component's epoch is one stream of rows across buffers
+            self.steps_per_epoch = math.ceil(self.rows / spec.batch_size)
+        else:
+            self.steps_per_epoch = sum(math.ceil(r / spec.batch_size) for _, r in self.buffers)
 
     def _read(self, groups: list[int]) -> TensorData:
         table = pq.ParquetFile(self.path).read_row_groups(groups, columns=["label", *self.cat_cols, *self.dense_cols])
@@ -216,6 +234,9 @@ class StreamBatches:
         return TensorData(cat, dense, label)
 
     def batches(self, epoch: int, start_step: int = 0) -> Iterator[Batch]:
+        if self.spec.independent:
+            yield from self._independent_batches(epoch, start_step)
+            return
         order = permutation(len(self.buffers), self.spec.seed, epoch, -1, SHARED_STREAM).tolist()
         first = 0
         for buffer in order:
@@ -224,6 +245,103 @@ class StreamBatches:
             if first + steps > start_step:  # skip buffers a resumed run has already consumed, unread
                 yield from _buffer_batches(self._read(groups), self.spec, epoch, buffer, first, start_step)
             first += steps
+
+    def _independent_batches(self, epoch: int, start_step: int) -> Iterator[Batch]:
+        """Per-component buffer orders: component k reads stream 1 + k, the penalty batch its own stream."""
+        spec, n, b = self.spec, self.rows, self.spec.batch_size
+        ks = range(spec.first_component, spec.first_component + spec.components)  # this rank's components
+        streams = [_RowStream(self.buffers, spec.seed, epoch, 1 + k) for k in ks]
+        penalty = None
+        pb = 0
+        if spec.penalty_batch_size is not None:
+            penalty = _RowStream(self.buffers, spec.seed, epoch, PENALTY_STREAM)
+            pb = min(spec.penalty_batch_size, n)
+        cache = _BufferCache(lambda buffer: self._read(self.buffers[buffer][0]))
+        for s in range(start_step, self.steps_per_epoch):
+            start = s * b
+            global_rows = min(b, n - start)
+            lo, hi = _shard(global_rows, spec.rank, spec.world)
+            parts = [cache.gather(stream.segments(start + lo, hi - lo)) for stream in streams]
+            pen_data = None
+            if penalty is not None:
+                p_start = (s * pb) % n  # cycle through the penalty stream, wrapping at its end
+                p_lo, p_hi = _shard(pb, spec.rank, spec.world)
+                first = p_start + p_lo
+                segments = [*penalty.segments(first, min(p_hi - p_lo, max(n - first, 0)))]
+                segments += penalty.segments(max(first - n, 0), p_hi - p_lo - sum(len(x) for _, x in segments))
+                pen_data = cache.gather(segments)
+            # Keep only the buffers some stream reads next: at most one per stream stays resident.
+            nxt = min(start + b + lo, n - 1)
+            keep = {stream.buffer_at(nxt) for stream in streams}
+            if penalty is not None:
+                keep.add(penalty.buffer_at(((s + 1) * pb) % n))
+            cache.retain(keep)
+            yield Batch(
+                torch.stack([p.cat for p in parts]),
+                torch.stack([p.dense for p in parts]),
+                torch.stack([p.label for p in parts]),
+                pen_data,
+                global_rows,
+                s,
+            )
+
+
+def _shard(count: int, rank: int, world: int) -> tuple[int, int]:
+    """[lo, hi) of ``rank``'s part of ``count`` rows, as ``torch.tensor_split`` divides them."""
+    q, r = divmod(count, world)
+    lo = rank * q + min(rank, r)
+    return lo, lo + q + (1 if rank < r else 0)
+
+
+class _RowStream:
+    """One stream's epoch over the buffers: its own buffer order, its own row order inside each."""
+
+    def __init__(self, buffers: list[tuple[list[int], int]], seed: int, epoch: int, stream: int) -> None:
+        self.seed, self.epoch, self.stream = seed, epoch, stream
+        self.rows = [r for _, r in buffers]
+        self.order = permutation(len(buffers), seed, epoch, -1, stream).tolist()
+        self.starts = [0, *itertools.accumulate(self.rows[buffer] for buffer in self.order)]
+        self._perms: dict[int, Tensor] = {}
+
+    def buffer_at(self, position: int) -> int:
+        return self.order[bisect.bisect_right(self.starts, position) - 1]
+
+    def segments(self, position: int, count: int) -> list[tuple[int, Tensor]]:
+        """(buffer, rows inside it) covering ``count`` rows of the stream from ``position`` on."""
+        out: list[tuple[int, Tensor]] = []
+        i = bisect.bisect_right(self.starts, position) - 1
+        while count > 0:
+            buffer = self.order[i]
+            local = position - self.starts[i]
+            take = min(count, self.rows[buffer] - local)
+            perm = self._perms.get(buffer)
+            if perm is None:
+                self._perms = {buffer: permutation(self.rows[buffer], self.seed, self.epoch, buffer, self.stream)}
+                perm = self._perms[buffer]
+            out.append((buffer, perm[local : local + take]))
+            position, count, i = position + take, count - take, i + 1
+        return out
+
+
+class _BufferCache:
+    """Decoded buffers shared by the streams of one epoch: read once while any stream is inside them."""
+
+    def __init__(self, read: Callable[[int], TensorData]) -> None:
+        self.read = read
+        self.held: dict[int, TensorData] = {}
+
+    def gather(self, segments: list[tuple[int, Tensor]]) -> TensorData:
+        parts = []
+        for buffer, rows in segments:
+            if buffer not in self.held:
+                self.held[buffer] = self.read(buffer)
+            parts.append(self.held[buffer].take(rows))
+        if len(parts) == 1:
+            return parts[0]
+        return TensorData(*(torch.cat(t) for t in zip(*((p.cat, p.dense, p.label) for p in parts))))
+
+    def retain(self, buffers: set[int]) -> None:
+        self.held = {b: d for b, d in self.held.items() if b in buffers}
 
 
 def iter_eval_chunks(

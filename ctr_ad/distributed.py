@@ -31,10 +31,14 @@ class DistContext:
         return self.rank == 0
 
 
-def init(device_type: str) -> DistContext:
-    """Join the process group when launched with WORLD_SIZE > 1 (idempotent)."""
+def init(device_type: str, *, join_single: bool = False) -> DistContext:
+    """Join the process group when launched with WORLD_SIZE > 1 (idempotent).
+
+    ``join_single``: join it also when ``torchrun`` started one process (component parallelism runs
+    its collectives then, so ``--nproc_per_node 1`` checks the NCCL path on a one-GPU machine)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world <= 1:
+    launched = "MASTER_ADDR" in os.environ and "RANK" in os.environ
+    if world < 1 or (world == 1 and not (join_single and launched)):
         return DistContext()
     rank = int(os.environ["RANK"])
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +52,8 @@ class Evaluation:
     logloss: float
     auc: float
     component_logloss_mean: float
+    #: Each component's own logloss [K] (per-component best-step selection reads it).
+    component_logloss: list[float] = field(default_factory=list)
 
     def metrics(self) -> dict[str, float]:
         return {"logloss": self.logloss, "auc": self.auc}
@@ -63,9 +65,14 @@ def evaluate(
 ) -> Evaluation:
     chunks = iter_eval_chunks(source, cat_cols, dense_cols, cfg.data.eval_batch_size)
     logits, labels = predict_logits(model, chunks, device, cfg.train.amp)
+    return score_logits(logits, labels, cfg)
+
+
+def score_logits(logits: np.ndarray, labels: np.ndarray, cfg: Config) -> Evaluation:
+    """The metrics of component logits [K, N] against labels [N] (also for logits gathered from ranks)."""
     if labels.size == 0:
         return Evaluation(logits, labels, math.nan, math.nan, math.nan)
     z = torch.from_numpy(logits)
     probs = ensemble_probability(z, cfg.model.prediction).numpy()
     comp = [M.logloss(labels, torch.sigmoid(z[k]).numpy()) for k in range(z.shape[0])]
-    return Evaluation(logits, labels, M.logloss(labels, probs), M.auc(labels, probs), float(np.mean(comp)))
+    return Evaluation(logits, labels, M.logloss(labels, probs), M.auc(labels, probs), float(np.mean(comp)), comp)

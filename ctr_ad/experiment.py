@@ -191,8 +191,8 @@ def arm_role(kind: str, config: dict[str, Any]) -> str:
     """linear | single | plain | anti_distillation | recipe.
 
     ``recipe``: an ensemble with a reproducibility lever other than a penalty (weight averaging, a linear
-    anchor, no best-step selection). Such arms are candidates, never the plain baseline they are
-    measured against."""
+    anchor, no best-step selection, one embedding table shared by the components). Such arms are
+    candidates, never the plain baseline they are measured against."""
     if kind == "logreg":
         return "linear"
     if config["model"]["components"] == 1:
@@ -201,7 +201,8 @@ def arm_role(kind: str, config: dict[str, Any]) -> str:
     if ad["penalty"] != "none" and ad["lambda"] > 0:
         return AD_ROLE
     train, model = config["train"], config["model"]
-    levers = (model.get("anchor", "none") != "none" or train.get("weight_averaging_epochs", 0) > 0
+    levers = (model.get("anchor", "none") != "none" or model.get("share_embeddings", False)
+              or train.get("weight_averaging_epochs", 0) > 0
               or train.get("best_step_selection", "ensemble") != "ensemble" or ad.get("forward_penalty_batch"))
     return "recipe" if levers else "plain"
 

@@ -64,17 +64,24 @@ def build_schedulers(
     return [torch.optim.lr_scheduler.LambdaLR(o, lr_factor(cfg, total_steps)) for o in optimizers]
 
 
-def clip_grad_norm(params: list[nn.Parameter], max_norm: float) -> float:
-    """Clip the global gradient norm; unlike ``torch.nn.utils.clip_grad_norm_`` it takes sparse grads."""
+def clip_grad_norm(
+    params: list[nn.Parameter], max_norm: float, reduce_square: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> float:
+    """Clip the global gradient norm; unlike ``torch.nn.utils.clip_grad_norm_`` it takes sparse grads.
+
+    ``reduce_square`` maps this process's squared norm to the whole model's (component parallelism:
+    a sum over the ranks), so every rank clips by the norm a single process would see."""
     grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
+    if not grads and reduce_square is None:
         return 0.0
     norms = []
     for g in grads:
         if g.is_sparse:
             g = g.coalesce().values()  # duplicates must be summed before the norm
         norms.append(torch.linalg.vector_norm(g.float()))
-    total = torch.linalg.vector_norm(torch.stack(norms))
+    total = torch.linalg.vector_norm(torch.stack(norms)) if norms else torch.zeros(())
+    if reduce_square is not None:
+        total = reduce_square(total.square()).sqrt()
     scale = (max_norm / (total + 1e-6)).clamp(max=1.0)
     for g in grads:
         g.mul_(scale.to(g.dtype))

@@ -9,6 +9,7 @@ means the same thing everywhere.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 CRITEO_DENSE = tuple(f"I{i}" for i in range(1, 14))
 CRITEO_CATEGORICAL = tuple(f"C{i}" for i in range(1, 27))
@@ -41,6 +42,8 @@ class SourceSpec:
     dense_transform: str = "log1p"
     #: Header columns starting with this prefix are dense features too (Open Bandit's affinities).
     dense_prefix: str | None = None
+    #: The declared schema (``ctr_ad.table_schema.TableSchema``) a ``table`` spec was compiled from.
+    table: Any = None
 
     @property
     def features(self) -> tuple[str, ...]:
@@ -120,8 +123,14 @@ SOURCES: dict[str, SourceSpec] = {
 }
 
 
+#: A user's own log, read by the schema it declares (``--source table --schema FILE``).
+TABLE = "table"
+
+
 def get_source(name: str) -> SourceSpec:
     try:
         return SOURCES[name]
     except KeyError:
+        if name == TABLE:
+            raise ValueError("source 'table' needs a declared schema (--schema FILE)") from None
         raise ValueError(f"unknown source {name!r}; choose one of {', '.join(sorted(SOURCES))}") from None

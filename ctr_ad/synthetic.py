@@ -3,12 +3,14 @@
 Layout: Criteo TSV (label, I1..I13 integers, C1..C26 8-hex-digit categories, empty = missing).
 - Integer features are heavy-tailed (log-normal counts), with Criteo-like missing rates; I2 has a
   few negatives (-1..-3) as in the real log.
-- Categorical features are Zipf-distributed over cardinalities from 3 to 2 million values.
+- Categorical features are Zipf-distributed over cardinalities from 3 to 2 million values (profile
+  ``default``), or over the per-field sizes published for Criteo 1TB, up to 40 million values
+  (profile ``criteo1tb``; see :data:`CRITEO_1TB_CARDINALITIES`).
 - Clicks follow a logistic ground truth: an intercept giving a base CTR near 25 %, smooth effects of
   three integer features, per-value effects of six categorical fields (rarer values included), one
   categorical cross (C1 x C9) and one integer x categorical interaction (I1 x C2).
 Rows are generated in fixed blocks, each from its own ``SeedSequence([seed, block])``: memory is
-constant for any row count and the output depends only on (seed, rows).
+constant for any row count and the output depends only on (seed, rows, profile).
 """
 
 from __future__ import annotations
@@ -34,6 +36,39 @@ CATEGORICAL_SPECS: tuple[tuple[int, float, float], ...] = (
     (5_600, 1.2, 0.0), (2_200, 1.3, 0.44), (4, 1.8, 0.44), (1_200_000, 1.05, 0.03),
     (18, 1.5, 0.76), (15, 1.6, 0.0), (140_000, 1.1, 0.03), (100, 1.4, 0.44), (80_000, 1.1, 0.44),
 )  # fmt: skip
+
+# Criteo 1TB's categorical fields C1..C26: the embedding-table sizes TorchRec's DLRM example and the
+# MLPerf DLRM-DCNv2 benchmark use for it, i.e. each field's number of distinct values in the 24 days,
+# with the five largest fields reduced to 40 million by the standard preprocessing.
+CRITEO_1TB_CARDINALITIES: tuple[int, ...] = (
+    40_000_000, 39_060, 17_295, 7_424, 20_265, 3, 7_122, 1_543, 63, 40_000_000, 3_067_956, 405_282, 10,
+    2_209, 11_938, 155, 4, 976, 14, 40_000_000, 40_000_000, 40_000_000, 590_152, 12_973, 108, 36,
+)  # fmt: skip
+
+
+def _criteo_1tb_exponent(cardinality: int) -> float:
+    # Flatter tails for larger fields (as in the default profile): with s near 1 a large field keeps
+    # producing new values at almost every row, which is what makes counting its values expensive.
+    if cardinality >= 1_000_000:
+        return 1.05
+    if cardinality >= 10_000:
+        return 1.1
+    if cardinality >= 1_000:
+        return 1.2
+    return 1.4
+
+
+# The same missing rates as the default profile, field by field.
+CRITEO_1TB_SPECS: tuple[tuple[int, float, float], ...] = tuple(
+    (card, _criteo_1tb_exponent(card), miss)
+    for card, (_, _, miss) in zip(CRITEO_1TB_CARDINALITIES, CATEGORICAL_SPECS, strict=True)
+)
+#: Cardinality profiles of ``ctr-ad synth --profile``: per categorical field (cardinality, Zipf exponent,
+#: missing rate). The click model and the integer fields are the same in every profile.
+PROFILES: dict[str, tuple[tuple[int, float, float], ...]] = {
+    "default": CATEGORICAL_SPECS,
+    "criteo1tb": CRITEO_1TB_SPECS,
+}
 
 # Per integer field: (log-normal mu, sigma, missing rate).
 DENSE_SPECS: tuple[tuple[float, float, float], ...] = (
@@ -84,8 +119,18 @@ def _hex_ids(field: int, ranks: np.ndarray) -> pl.Series:
     return pl.Series(raw, dtype=pl.Binary).bin.encode("hex")
 
 
-def generate_block(seed: int, block: int, rows: int) -> pl.DataFrame:
+def profile_specs(profile: str) -> tuple[tuple[int, float, float], ...]:
+    try:
+        return PROFILES[profile]
+    except KeyError:
+        from ctr_ad.errors import UserError
+
+        raise UserError(f"unknown synthetic profile {profile!r} (choose from {', '.join(PROFILES)})") from None
+
+
+def generate_block(seed: int, block: int, rows: int, profile: str = "default") -> pl.DataFrame:
     """One block of synthetic rows as a frame in Criteo column order (nulls = missing)."""
+    specs = profile_specs(profile)
     rng = np.random.default_rng(np.random.SeedSequence([seed, block]))
     logit = np.full(rows, INTERCEPT)
     dense: dict[str, np.ndarray] = {}
@@ -103,7 +148,7 @@ def generate_block(seed: int, block: int, rows: int) -> pl.DataFrame:
 
     ranks: dict[int, np.ndarray] = {}
     missing: dict[int, np.ndarray] = {}
-    for i, (card, s, miss) in enumerate(CATEGORICAL_SPECS):
+    for i, (card, s, miss) in enumerate(specs):
         ranks[i] = _zipf_ranks(rng, rows, card, s)
         missing[i] = rng.random(rows) < miss
     for i, scale in CATEGORY_EFFECTS:
@@ -123,17 +168,18 @@ def generate_block(seed: int, block: int, rows: int) -> pl.DataFrame:
     return pl.DataFrame(cols)
 
 
-def iter_blocks(rows: int, seed: int) -> Iterator[pl.DataFrame]:
+def iter_blocks(rows: int, seed: int, profile: str = "default") -> Iterator[pl.DataFrame]:
     for block, start in enumerate(range(0, rows, BLOCK_ROWS)):
-        yield generate_block(seed, block, min(BLOCK_ROWS, rows - start))
+        yield generate_block(seed, block, min(BLOCK_ROWS, rows - start), profile)
 
 
-def write_synthetic(out: Path, rows: int, seed: int, progress: bool = False) -> int:
+def write_synthetic(out: Path, rows: int, seed: int, progress: bool = False, profile: str = "default") -> int:
     """Write ``rows`` synthetic rows as Criteo TSV (gzip if ``out`` ends in .gz), atomically."""
+    profile_specs(profile)  # an unknown profile fails before a file is created
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
-    blocks = iter_blocks(rows, seed)
+    blocks = iter_blocks(rows, seed, profile)
     if progress:
         from tqdm import tqdm
 

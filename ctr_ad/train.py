@@ -18,7 +18,13 @@ the penalty the shared rows only — correlations between components need rows t
 Optimizers: AdamW (``lr``, ``weight_decay``) for the MLP; embeddings by ``embedding_optimizer``:
 ``adam`` (dense gradients, the same Adam), ``sparse_adam`` (SparseAdam) or ``adagrad`` (both on
 sparse gradients, so a step touches only the rows of the batch). Under DDP sparse gradients fall back
-to dense ones with Adam (allreduce of sparse tensors is unsupported by NCCL and slow on gloo).
+to dense ones with Adam (allreduce of sparse tensors is unsupported by NCCL and slow on gloo);
+``train.parallelism: component`` instead gives each rank whole components and keeps them sparse
+(``ctr_ad.component_parallel``).
+
+Memory: before the model is built, the parameter, gradient and optimizer-state bytes per device are
+printed and checked against what the device has (``ctr_ad.memory``); a model that cannot fit is refused
+in one line. Batches come from a background thread (``data.prefetch_batches``, ``ctr_ad.prefetch``).
 
 Reproducibility: ``seed_init`` draws the weights (components one after another, so they differ),
 ``seed_data`` the data orders (pure functions of seed, epoch and component: see ``ctr_ad.data``).
@@ -62,17 +68,21 @@ from ctr_ad import checkpoint as ckpt
 from ctr_ad import distributed as dist_mod
 from ctr_ad.artifacts import write_document
 from ctr_ad.averaging import WeightAverager
+from ctr_ad.component_parallel import ComponentLayout, ComponentShards, join_component_group, layout_for
 from ctr_ad.config import Config, load_config
 from ctr_ad.data import Batch, MemoryBatches, PlanSpec, StreamBatches, TensorData, derive_seed, load_split
 from ctr_ad.dataset import verify_data_dir
 from ctr_ad.errors import UserError
-from ctr_ad.evaluation import Evaluation, autocast, evaluate
+from ctr_ad.evaluation import Evaluation, autocast, evaluate, score_logits
 from ctr_ad.files import finite_or_none
 from ctr_ad.layout import DataDir, RunDir
 from ctr_ad.losses import lambda_at, summed_bce
+from ctr_ad.memory import available_memory, check_fits, estimate_memory
 from ctr_ad.model import EnsembleCTR
 from ctr_ad.optim import build_optimizers, build_schedulers, clip_grad_norm
 from ctr_ad.penalties import penalty_value
+from ctr_ad.prefetch import PrefetchedBatches
+from ctr_ad.selection import improved_components, keep_components
 from ctr_ad.threads import apply_threads, model_step_flops
 
 logger = logging.getLogger(__name__)
@@ -81,7 +91,11 @@ logger = logging.getLogger(__name__)
 _ANCHOR_CACHE: dict[tuple[str | None, float | None], Any] = {}
 
 # Config keys that may change between a run and its resume (they do not change the math).
-RESUME_FREE_KEYS = {("train", "device"), ("train", "progress"), ("train", "threads")}
+# A checkpoint holds the whole ensemble under either parallelism, so a run may resume under the other.
+RESUME_FREE_KEYS = {
+    ("train", "device"), ("train", "progress"), ("train", "threads"), ("train", "parallelism"),
+    ("train", "memory_limit_gib"), ("data", "prefetch_batches"),
+}
 
 
 class TrainingInterrupted(Exception):
@@ -133,6 +147,9 @@ class LoopState:
     best_logloss: float = math.inf
     best_auc: float = math.nan
     best_step: int = 0
+    #: best_step_selection: per_component — each component's best validation logloss and its step.
+    component_best_logloss: list[float] = field(default_factory=list)
+    component_best_step: list[int] = field(default_factory=list)
     bad_evals: int = 0
     stopped_early: bool = False
     done: bool = False
@@ -226,14 +243,23 @@ class Trainer:
         self.fingerprint = verify_data_dir(data_dir).fingerprint
         self.features = FeatureProcessor.load(self.data.features)
         self.device = select_device(self.t.device)
-        self.ctx = dist_mod.init(self.device.type)
+        component = self.t.parallelism == "component"
+        self.ctx = dist_mod.init(self.device.type, join_single=component)
         if self.device.type == "cuda" and self.ctx.enabled:
             self.device = torch.device("cuda", self.ctx.local_rank)
+        # Component parallelism whenever torchrun started this process (one rank included); without
+        # torchrun the one process holds every component, which is the same computation.
+        self.layout: ComponentLayout | None = (
+            layout_for(cfg.model.components, self.ctx.world, self.ctx.rank)
+            if component and torch.distributed.is_initialized() else None
+        )
+        self.shards: ComponentShards | None = None
         self.verbose = verbose and self.ctx.is_main
         set_determinism(self.t.deterministic)
         self._choose_threads()
         checkpoint = self._prepare_run_dir(resume)
         self._build_data()
+        self._check_memory()
         self._build_model(fit_anchor=checkpoint is None)
         self.state = LoopState()
         self.window = Window()
@@ -285,20 +311,25 @@ class Trainer:
     def _build_data(self) -> None:
         t, ad, ctx = self.t, self.ad, self.ctx
         cat_cols, dense_cols = self.features.categorical_columns, self.features.dense_columns
-        self.sparse = t.embedding_optimizer in ("sparse_adam", "adagrad") and not ctx.enabled
+        lay = self.layout
+        # DDP needs dense gradients; component parallelism syncs sparse ones itself.
+        self.sparse = t.embedding_optimizer in ("sparse_adam", "adagrad") and (lay is not None or not ctx.enabled)
+        # The ranks that split one batch: the whole world under DDP, one component group otherwise.
+        self.shard_world = lay.group_size if lay is not None else ctx.world
         independent = ad.data_order == "independent"
         spec = PlanSpec(
             batch_size=t.batch_size,
-            components=self.cfg.model.components,
+            components=lay.count if lay is not None else self.cfg.model.components,
+            first_component=lay.first if lay is not None else 0,
             independent=independent,
             penalty_batch_size=(ad.penalty_batch_size or t.batch_size) if (independent and ad.uses_penalty_batch)
             else None,
             seed=t.seed_data,
-            rank=ctx.rank,
-            world=ctx.world,
+            rank=lay.group_rank if lay is not None else ctx.rank,
+            world=self.shard_world,
         )
         has_test = self.data.test.is_file()
-        self.plan: MemoryBatches | StreamBatches
+        self.plan: MemoryBatches | StreamBatches | PrefetchedBatches
         self.valid: TensorData | Path
         self.test: TensorData | Path | None
         if self.cfg.data.loader == "memory":
@@ -309,14 +340,42 @@ class Trainer:
             self.plan = StreamBatches(self.data.train, cat_cols, dense_cols, spec, self.cfg.data.stream_buffer_rows)
             self.valid = self.data.valid
             self.test = self.data.test if has_test else None
+        depth = self.cfg.data.prefetch_depth(self.device.type)
+        if depth:
+            # A background thread prepares the next batches (pinned for non-blocking copies on CUDA).
+            self.plan = PrefetchedBatches(self.plan, depth, pin_memory=self.device.type == "cuda")
         self._warn_one_class()
         self.total_steps = self.plan.steps_per_epoch * t.epochs
         if t.max_steps is not None:
             self.total_steps = min(self.total_steps, t.max_steps)
+        if lay is not None:
+            self._say(f"{lay.describe()} (backend {torch.distributed.get_backend()})")
+            if lay.groups == 1 and lay.world > 1 and ctx.is_main:
+                logger.warning(
+                    f"WORLD_SIZE={lay.world} shares no factor with model.components={lay.components}: every rank "
+                    "holds all components (data parallelism in one group); choose a world size that divides K "
+                    "or is a multiple of it"
+                )
         self._say(
             f"{self.plan.rows} train rows, {self.plan.steps_per_epoch} steps/epoch, K={self.cfg.model.components}, "
             f"penalty={ad.penalty} λ={ad.lam}, order={ad.data_order}, device={self.device}, world={ctx.world}"
         )
+
+    def _check_memory(self) -> None:
+        """Say what the model will hold per device, and refuse before allocating it when it cannot fit."""
+        f = self.features
+        estimate = estimate_memory(self.cfg, f.cardinalities, f.categorical_columns, len(f.dense_columns),
+                                   self.sparse)
+        local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        available, source = available_memory(self.device, self.t.memory_limit_gib, processes=local)
+        refusal: UserError | None = None
+        try:
+            self._say(check_fits(estimate, available, source, self.device))
+        except UserError as exc:
+            refusal = exc
+        # Every rank refuses together, so none waits at a collective for one that stopped.
+        if dist_mod.any_rank(self.ctx, refusal is not None, self.device):
+            raise refusal or UserError(f"another rank: {estimate.describe()} does not fit its device")
 
     def _warn_one_class(self) -> None:
         """A split with one label value trains a constant model and has no AUC: say so up front."""
@@ -333,15 +392,27 @@ class Trainer:
     def _build_model(self, fit_anchor: bool) -> None:
         t, ctx = self.t, self.ctx
         model = EnsembleCTR.from_config(
-            self.cfg.model, self.features.cardinalities, len(self.features.dense_columns), sparse=self.sparse
+            self.cfg.model, self.features.cardinalities, len(self.features.dense_columns), sparse=self.sparse,
+            fields=self.features.categorical_columns,
         )
         model.reset_parameters(torch.Generator().manual_seed(t.seed_init))
         if model.anchored and fit_anchor:  # a resumed run restores the anchor with the weights
             self._fit_anchor(model)
+        if self.layout is not None:
+            # The full ensemble was drawn above (so the weights equal a single process's); keep this
+            # rank's components.
+            local_cfg = self.cfg.model.model_copy(update={"components": self.layout.count})
+            local = EnsembleCTR.from_config(
+                local_cfg, self.features.cardinalities, len(self.features.dense_columns), sparse=self.sparse
+            )
+            names = [n for n, _ in local.named_parameters()]
+            self.shards = ComponentShards(self.layout, self.device, names, join_component_group(self.layout))
+            local.load_state_dict(self.shards.slice_state(model.state_dict()))
+            model = local
         model.to(self.device)
         self.model = model
         self.net: nn.Module = model
-        if ctx.enabled:
+        if ctx.enabled and self.shards is None:
             ids = [self.device.index] if self.device.type == "cuda" else None
             self.net = nn.parallel.DistributedDataParallel(model, device_ids=ids)
         self.optimizers = build_optimizers(model, self.cfg, self.sparse)
@@ -377,6 +448,16 @@ class Trainer:
             write_document(self.run.root / "anchor.json", fit.record())
 
     def _restore(self, checkpoint: dict[str, Any]) -> None:
+        if self.shards is not None:  # the checkpoint holds the whole ensemble: keep this rank's part
+            sh = self.shards
+            best = checkpoint.get("best_model")
+            checkpoint = {
+                **checkpoint,
+                "model": sh.slice_state(checkpoint["model"]),
+                "best_model": sh.slice_state(best) if best is not None else None,
+                "optimizers": [sh.slice_optimizer(o) for o in checkpoint["optimizers"]],
+                "averager": sh.slice_averager(checkpoint["averager"]) if checkpoint.get("averager") else None,
+            }
         self.model.load_state_dict(checkpoint["model"])
         if self.averager is not None:
             self.averager.load_state_dict(checkpoint["averager"])
@@ -473,7 +554,8 @@ class Trainer:
                 logits = self.net(cat, dense)
             shared = None
             if batch.penalty is not None:
-                shared = self.net(batch.penalty.cat.to(dev), batch.penalty.dense.to(dev), dropout=False)
+                shared = self.net(batch.penalty.cat.to(dev, non_blocking=True),
+                                  batch.penalty.dense.to(dev, non_blocking=True), dropout=False)
             elif ad.active and self.cfg.model.dropout > 0:
                 shared = self.net(cat, dense, dropout=False)
         logits = logits.float()
@@ -488,22 +570,31 @@ class Trainer:
         label = batch.label.to(self.device, non_blocking=True)
         # Each rank divides by its share of the global batch, so DDP's mean of gradients is the
         # exact global-batch gradient even when the last batch splits unevenly.
-        bce = summed_bce(own, label, denominator=batch.global_rows / self.ctx.world)
+        bce = summed_bce(own, label, denominator=batch.global_rows / self.shard_world)
+        sh = self.shards
+        if sh is not None and shared is not None:
+            shared = sh.gather_logits(shared)  # [K, P]: every component, own piece in the graph
         pen = own.new_zeros(())
+        pen_term = own.new_zeros(())
         if ad.active and shared is not None:
             pen = penalty_value(ad.penalty, shared, signed=ad.signed, eps=ad.eps)
-            loss = bce + self._penalty_weight(bce, pen, own, shared) * pen
+            pen_term = self._penalty_weight(bce, pen, own, shared) * pen
         elif shared is not None:
-            loss = bce + 0.0 * shared.sum()  # the λ = 0 control: the shared rows are in the graph
-        else:
-            loss = bce
-        if emb_sq is not None:
-            loss = loss + t.embedding_l2 * emb_sq
+            pen_term = 0.0 * shared.sum()  # the λ = 0 control: the shared rows are in the graph
+        l2_term = t.embedding_l2 * emb_sq if emb_sq is not None else own.new_zeros(())
+        # A group's ranks hold shards of the penalty rows and their gradients are averaged: scale the
+        # penalty by the group size so the average is its full gradient.
+        loss = bce + pen_term * (self.shard_world if sh is not None else 1) + l2_term
         for o in self.optimizers:
             o.zero_grad(set_to_none=True)
         loss.backward()
+        if sh is not None:
+            sh.sync_gradients(self.params)
+            # The additive parts summed over every component: the loss a single process would log.
+            bce, l2_term = sh.sum_over_components(torch.stack([bce.detach(), l2_term.detach()])).unbind()
+            loss = bce + pen_term + l2_term
         if t.grad_clip is not None:
-            clip_grad_norm(self.params, t.grad_clip)
+            clip_grad_norm(self.params, t.grad_clip, sh.sum_over_components if sh is not None else None)
         for o in self.optimizers:
             o.step()
         for s in self.schedulers:
@@ -525,13 +616,22 @@ class Trainer:
         (g_pen,) = torch.autograd.grad(pen, shared, retain_graph=True, allow_unused=True)
         if g_pen is None:
             return 0.0
-        ratio = float(torch.linalg.vector_norm(g_bce)) / max(float(torch.linalg.vector_norm(g_pen)), 1e-12)
+        bce_sq = g_bce.square().sum()
+        if self.shards is not None:
+            # Own logits are a [K/G, B/S] block whose BCE was scaled by S (see summed_bce): Σ over
+            # ranks of ‖∂BCE/∂z‖² is S² × the full one. ``shared`` is the gathered [K, P] already.
+            bce_sq = self.shards.sum_over_components(bce_sq) / self.shard_world
+        ratio = float(bce_sq.sqrt()) / max(float(torch.linalg.vector_norm(g_pen)), 1e-12)
         return lam * ratio
 
     # ---- evaluation and early stopping
     def _score(self, source: TensorData | Path) -> Evaluation:
         f = self.features
-        return evaluate(self.model, source, f.categorical_columns, f.dense_columns, self.cfg, self.device)
+        ev = evaluate(self.model, source, f.categorical_columns, f.dense_columns, self.cfg, self.device)
+        if self.shards is None or ev.labels.size == 0:
+            return ev
+        logits = self.shards.gather_logits_array(torch.from_numpy(ev.logits)).numpy()
+        return score_logits(logits, ev.labels, self.cfg)
 
     def _evaluate(self) -> None:
         """Score the validation split, keep the best weights, decide early stopping, log a line."""
@@ -542,7 +642,9 @@ class Trainer:
                 raise self._diverged("a validation logit")
             improved = ev.logloss < s.best_logloss
             selecting = self.t.best_step_selection == "ensemble"
-            if improved or not selecting:
+            if self.t.best_step_selection == "per_component":
+                improved = self._keep_best_components(ev)
+            elif improved or not selecting:
                 # Without selection the latest evaluation stands for the run (its final weights).
                 s.best_logloss, s.best_auc, s.best_step = ev.logloss, ev.auc, s.step
                 self.best_weights = {k: v.detach().cpu().clone() for k, v in self.model.state_dict().items()}
@@ -567,6 +669,7 @@ class Trainer:
             "valid_logloss": ev.logloss,
             "valid_auc": ev.auc,
             "valid_component_logloss": ev.component_logloss_mean,
+            "valid_logloss_by_component": ev.component_logloss,
             "examples_per_s": w.examples_per_s(),
             "best": improved,
         }
@@ -574,6 +677,23 @@ class Trainer:
             with self.run.metrics.open("a") as fh:
                 fh.write(json.dumps(finite_or_none(record), allow_nan=False) + "\n")
         self.window = Window()
+
+    def _keep_best_components(self, ev: Evaluation) -> bool:
+        """Each component keeps the weights of its own best validation logloss; True if any improved."""
+        s = self.state
+        k = self.cfg.model.components
+        if not s.component_best_logloss:
+            s.component_best_logloss, s.component_best_step = [math.inf] * k, [0] * k
+        losses = ev.component_logloss or [math.nan] * k
+        better = improved_components(losses, s.component_best_logloss)
+        if not better:
+            return False
+        self.best_weights = keep_components(self.model, self.best_weights, better)
+        for c in better:
+            s.component_best_logloss[c], s.component_best_step[c] = losses[c], s.step
+        # The kept ensemble mixes steps: its validation figures are measured again in finish().
+        s.best_logloss, s.best_auc, s.best_step = math.nan, math.nan, max(s.component_best_step)
+        return True
 
     def _evaluated_weights(self) -> Any:
         """The weights evaluation and selection see: the averaged ones when averaging is on."""
@@ -586,6 +706,16 @@ class Trainer:
     # ---- checkpoints
     def save_checkpoint(self) -> None:
         rng = dist_mod.gather_objects(self.ctx, ckpt.rng_state(self.device))
+        model_state = self.model.state_dict()
+        optimizers = [o.state_dict() for o in self.optimizers]
+        averager = self.averager.state_dict() if self.averager is not None else None
+        best = self.best_weights
+        if self.shards is not None:  # every rank takes part; rank 0 writes the whole ensemble
+            sh = self.shards
+            model_state = sh.gather_state(model_state)
+            optimizers = [sh.gather_optimizer(o) for o in optimizers]
+            averager = sh.gather_averager(averager) if averager is not None else None
+            best = sh.gather_state(best) if best is not None else None
         if self.ctx.is_main:
             ckpt.save(
                 self.run.checkpoint,
@@ -593,14 +723,14 @@ class Trainer:
                     "format": ckpt.FORMAT,
                     "config": self.cfg.to_dict(),
                     "fingerprint": self.fingerprint,
-                    "model": self.model.state_dict(),
-                    "optimizers": [o.state_dict() for o in self.optimizers],
+                    "model": model_state,
+                    "optimizers": optimizers,
                     "schedulers": [s.state_dict() for s in self.schedulers],
                     "rng": rng,
                     "state": asdict(self.state),
-                    "best_model": self.best_weights,
+                    "best_model": best,
                     "window": self.window.sums(),
-                    "averager": self.averager.state_dict() if self.averager is not None else None,
+                    "averager": averager,
                 },
             )
         dist_mod.barrier(self.ctx)
@@ -611,10 +741,14 @@ class Trainer:
         s = self.state
         if self.best_weights is not None:
             self.model.load_state_dict(self.best_weights)
-        valid_metrics = {"logloss": s.best_logloss, "auc": s.best_auc}
         test = self._score(self.test) if self.test is not None else None
         valid = self._score(self.valid)
+        if self.t.best_step_selection == "per_component":
+            s.best_logloss, s.best_auc = valid.logloss, valid.auc
+        valid_metrics = {"logloss": s.best_logloss, "auc": s.best_auc}
         test_metrics = test.metrics() if test is not None else None
+        if self.shards is not None:
+            self.model = self._whole_ensemble()
         self._say(
             f"done: {s.step} steps in {time.perf_counter() - self.started:.1f}s, best step {s.best_step}, "
             f"valid logloss {s.best_logloss:.5f} auc {s.best_auc:.4f}"
@@ -637,6 +771,14 @@ class Trainer:
             test=test,
             valid=valid,
         )
+
+    def _whole_ensemble(self) -> EnsembleCTR:
+        """The K-component model (on the CPU: it may not fit one device) from every rank's slice."""
+        assert self.shards is not None
+        state = {k: v.cpu() for k, v in self.shards.gather_state(self.model.state_dict()).items()}
+        full = EnsembleCTR.from_config(self.cfg.model, self.features.cardinalities, len(self.features.dense_columns))
+        full.load_state_dict(state)
+        return full
 
     def _write_bundle(self, valid_metrics: dict[str, float], test_metrics: dict[str, float] | None) -> Path:
         return bundle_mod.save(

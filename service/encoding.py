@@ -139,11 +139,9 @@ class RequestParser:
 
     def _check_integers(self, rows: list[tuple[Any, ...]]) -> None:
         n_dense = len(self.dense)
-        # Validated dense values are finite floats or None: a plain scan is cheaper than an array.
-        if all(v is None or v.is_integer() for r in rows for v in r[:n_dense]):
-            return
+        # Validated dense values are finite floats or None (-> NaN, for which the test is False).
         values = np.array([r[:n_dense] for r in rows], dtype=np.float64)
-        bad = ~np.isnan(values) & (values != np.floor(values))
+        bad = values - np.floor(values) > 0
         if bad.any():
             errors = []
             for i, j in zip(*np.nonzero(bad)):

@@ -113,6 +113,8 @@ class InferenceEngine(_BackgroundThread):
 
     async def score(self, slot: ModelSlot, cat: np.ndarray, dense: np.ndarray) -> Scores:
         if self.mode == "inline" or self._thread is None:
+            self.batches += 1
+            self.batched_jobs += 1
             return slot.score_arrays(cat, dense)
         loop = asyncio.get_running_loop()
         job = _Job(slot, cat, dense, loop.create_future(), loop)

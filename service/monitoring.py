@@ -372,6 +372,15 @@ class _MonitorCollector(Collector):
         labels.add_metric([], m.feedback_labels)
         yield labels
         state = self.state
+        # Requests per forward pass = the micro-batching at work (thread mode; 1 when inline).
+        engine = state.engine
+        for name, doc, value in (
+            ("ctr_ad_inference_forward_passes", "Forward passes of the primary model", engine.batches),
+            ("ctr_ad_inference_batched_requests", "Requests scored by those forward passes", engine.batched_jobs),
+        ):
+            c = CounterMetricFamily(name, doc)
+            c.add_metric([], value)
+            yield c
         info = GaugeMetricFamily(
             "ctr_ad_model_info", "Loaded model bundles (value 1), by role",
             labels=["role", "version", "created_at", "components", "penalty", "lambda"],

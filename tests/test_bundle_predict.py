@@ -215,3 +215,23 @@ def test_bundle_with_zero_std_features_is_refused_at_load(trained: TrainResult, 
     (b / CHECKSUMS).write_text(sums)
     with pytest.raises(BundleError, match=r"'I3': std 0\.0"):
         load(b)
+
+
+def test_a_bundle_from_before_the_anchor_loads_unanchored(tmp_path_factory: pytest.TempPathFactory,
+                                                          tmp_path: Path) -> None:
+    """Bundles written before `model.anchor` existed have no such key: they load as unanchored models,
+    not with the built-in default (an anchor they have no weights for)."""
+    data_dir = ingested_8k(tmp_path_factory)
+    plain = train(data_dir, small_config(model__anchor="none", train__max_steps=2), tmp_path / "old", log=False)
+    b = plain.run_dir / "bundle"
+    cfg = yaml.safe_load((b / "config.yaml").read_text())
+    del cfg["model"]["anchor"], cfg["model"]["anchor_C"]
+    (b / "config.yaml").write_text(yaml.safe_dump(cfg))
+    sums = "".join(
+        f"{sha256_file(b / n)}  {n}\n" for n in ("model.safetensors", "features.json", "config.yaml", "metadata.json")
+    )
+    (b / CHECKSUMS).write_text(sums)
+    bundle = load(b)
+    assert not bundle.model.anchored and bundle.config.model.anchor == "none"
+    test = pl.read_parquet(data_dir / "test.parquet")
+    assert np.isfinite(bundle.predict_frame(test.head(50)).ctr).all()

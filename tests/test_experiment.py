@@ -22,9 +22,10 @@ from ctr_ad.protocol import select_baseline, select_best
 ROOT = Path(__file__).resolve().parents[1]
 CRITEO = [ROOT / "data" / "criteo-kaggle-8k" / f"{s}.tsv" for s in ("train", "dev", "test")]
 TINY_TRAINING = {
-    "model": {"components": 2, "embedding_dim": 4, "mlp": [8]},
+    "model": {"components": 2, "embedding_dim": 4, "mlp": [8], "anchor": "none"},
     "anti_distillation": {"data_order": "shared"},
-    "train": {"batch_size": 512, "epochs": 1, "early_stopping_patience": None, "threads": 1, "device": "cpu"},
+    "train": {"batch_size": 512, "epochs": 1, "early_stopping_patience": None, "threads": 1, "device": "cpu",
+              "weight_averaging_epochs": 0.0, "best_step_selection": "ensemble"},
 }
 
 

@@ -16,8 +16,11 @@ from ctr_ad.pipeline import current_bundle, load_pipeline, run_pipeline
 ROOT = Path(__file__).resolve().parents[1]
 EXPERIMENT = {
     "training": {
-        "model": {"components": 2, "embedding_dim": 4, "mlp": [8]},
-        "train": {"batch_size": 512, "epochs": 1, "early_stopping_patience": None, "threads": 1, "device": "cpu"},
+        # The plain ensemble, stated in full: the built-in defaults carry the reproducibility recipe.
+        "model": {"components": 2, "embedding_dim": 4, "mlp": [8], "anchor": "none"},
+        "anti_distillation": {"data_order": "shared"},
+        "train": {"batch_size": 512, "epochs": 1, "early_stopping_patience": None, "threads": 1, "device": "cpu",
+                  "weight_averaging_epochs": 0.0, "best_step_selection": "ensemble"},
     },
     "replicas": 2,
     "arms": [

@@ -17,6 +17,7 @@ from ctr_ad.averaging import WeightAverager
 from ctr_ad.features import FeatureProcessor
 from ctr_ad.linear import fit_linear, one_hot
 from ctr_ad.model import EnsembleCTR
+from ctr_ad.selection import improved_components, keep_components
 from ctr_ad.train import train
 
 
@@ -129,3 +130,46 @@ def test_naming_a_penalty_switches_it_on_at_the_documented_strength() -> None:
     explicit = load_config(DEMO_CONFIG, ["anti_distillation.penalty=kernel_repulsion", "anti_distillation.lambda=0.5"])
     assert explicit.anti_distillation.lam == 0.5 and explicit.anti_distillation.lambda_scale == "absolute"
     assert not load_config(DEMO_CONFIG).anti_distillation.active
+
+
+def test_keep_components_copies_only_the_chosen_components_parts() -> None:
+    model = EnsembleCTR([5, 3], 2, components=3, embedding_dim=2, mlp=[4], anchor=True)
+    kept = keep_components(model, None, [0, 1, 2])
+    before = {n: t.clone() for n, t in kept.items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+        model.anchor_bias.fill_(0.5)
+    keep_components(model, kept, [1])
+    state = model.state_dict()
+    rows = model.rows_per_component
+    for name in ("embedding.weight", "weights.0", "weights.1", "biases.0"):
+        for k in range(3):
+            got, old, new = (model.component_part(name, t, k) for t in (kept[name], before[name], state[name]))
+            assert torch.equal(got, new if k == 1 else old), (name, k)
+    assert torch.equal(kept["embedding.weight"][rows : 2 * rows], state["embedding.weight"][rows : 2 * rows])
+    assert float(kept["anchor_bias"]) == 0.5  # shared (the frozen anchor): taken whole
+    assert improved_components([0.4, float("nan"), 0.6], [0.5, 0.5, 0.5]) == [0]
+
+
+def test_per_component_selection_keeps_each_components_best_evaluation(data_dir: Path, tmp_path: Path) -> None:
+    """Each component ends with its weights of the evaluation where *its own* validation logloss was
+    lowest: the same weights as a run without selection stopped at that step (deterministic training)."""
+    sets = {"train__epochs": 2, "train__eval_every_steps": 5, "train__lr": 0.003}
+    result = train(data_dir, small_config(train__best_step_selection="per_component", **sets), tmp_path / "pc",
+                   deterministic=True, log=False)
+    evals = [json.loads(x) for x in (tmp_path / "pc" / "metrics.jsonl").read_text().splitlines()]
+    best_steps = [min(evals, key=lambda e: e["valid_logloss_by_component"][k])["step"] for k in range(2)]
+    assert len(set(best_steps)) > 1, best_steps  # the components chose different evaluations
+    assert result.best_step == max(best_steps)
+    state = result.model.state_dict()
+    for step in sorted(set(best_steps)):
+        ref = train(data_dir, small_config(train__best_step_selection="none", train__max_steps=step, **sets),
+                    tmp_path / f"none{step}", deterministic=True, log=False).model
+        ref_state = ref.state_dict()
+        for k in (k for k, s in enumerate(best_steps) if s == step):
+            for name in ("embedding.weight", "weights.0", "weights.1", "biases.1"):
+                assert torch.equal(ref.component_part(name, ref_state[name], k),
+                                   ref.component_part(name, state[name], k)), (name, k, step)
+    # The kept ensemble mixes steps: its validation figures are measured on the kept weights.
+    assert result.valid is not None and result.valid_metrics["logloss"] == pytest.approx(result.valid.logloss)

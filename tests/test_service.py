@@ -349,6 +349,10 @@ def test_prometheus_metrics_parse(main: Server) -> None:
     lat = [s for s in fams["ctr_ad_http_request_duration_seconds"].samples
            if s.name.endswith("_count") and s.labels["route"] == "/v1/predict"]
     assert lat and lat[0].value >= 1
+    # Every answered prediction went through exactly one forward pass, shared or not.
+    passes = fams["ctr_ad_inference_forward_passes"].samples[0].value
+    batched = fams["ctr_ad_inference_batched_requests"].samples[0].value
+    assert 1 <= passes <= batched == req[0].value
     roles = {s.labels["role"] for s in fams["ctr_ad_model_info"].samples}
     assert roles == {"primary", "shadow"}
     spread_count = [s.value for s in fams["ctr_ad_component_spread"].samples if s.name.endswith("_count")]

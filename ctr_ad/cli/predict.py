@@ -18,13 +18,16 @@ from collections import Counter
 from pathlib import Path
 
 from ctr_ad.errors import UserError
-from ctr_ad.schema import SOURCES
+from ctr_ad.schema import SOURCES, TABLE
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bundle", required=True, help="RUN_DIR or RUN_DIR/bundle")
     parser.add_argument("--input", required=True, nargs="+", help="raw log file(s)")
-    parser.add_argument("--source", required=True, choices=sorted(SOURCES), help="raw format of the input")
+    parser.add_argument("--source", required=True, choices=sorted([*SOURCES, TABLE]),
+                        help="raw format of the input; table: the schema the bundle was trained with")
+    parser.add_argument("--schema", help="with --source table: read the input by this schema file instead "
+                        "(its features must be the bundle's)")
     parser.add_argument("--out", required=True, help="output Parquet file (written atomically)")
     parser.add_argument("--quarantine", help="also write quarantined rows here (JSON lines)")
     parser.add_argument("--max-bad-fraction", type=float, default=0.01,
@@ -43,6 +46,27 @@ def _check_out(path: Path, flag: str) -> None:
         raise UserError(f"{path.parent}: is not a directory; cannot write {path.name} there")
 
 
+def _source(args: argparse.Namespace, features):
+    """The built-in source's name, or the spec of the declared schema (``--source table``)."""
+    if args.source != TABLE:
+        if args.schema:
+            raise UserError(f"--schema is read with --source table only (not with --source {args.source})")
+        return args.source
+    from ctr_ad.table_schema import TableSchema
+
+    if args.schema:
+        schema = TableSchema.load(args.schema)
+    elif features.schema is not None:
+        schema = TableSchema.of(features.schema, origin=f"{args.bundle}: features.json schema")
+    else:
+        raise UserError(f"{args.bundle}: was not trained on a declared schema (source "
+                        f"{features.source!r}); use --source {features.source}")
+    declared = (list(schema.categorical), sorted(schema.numeric))
+    if declared[0] != list(features.categorical) or not set(declared[1]) <= set(features.dense):
+        raise UserError(f"{args.schema}: its features differ from the bundle's ({', '.join(features.raw_fields)})")
+    return schema.to_spec()
+
+
 def run(args: argparse.Namespace) -> int:
     import polars as pl
 
@@ -58,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
     if args.quarantine:
         _check_out(Path(args.quarantine), "--quarantine")
     bundle = load(args.bundle)
+    source = _source(args, bundle.features)
     paths = [Path(p) for p in args.input]
     for p in paths:
         if not p.is_file():
@@ -67,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     read = 0
     for i, path in enumerate(paths):
         try:
-            raw, bad = read_raw([path], args.source)
+            raw, bad = read_raw([path], source)
         except ValueError as exc:
             raise UserError(f"{path}: {exc}") from None
         read += raw.height + len(bad)

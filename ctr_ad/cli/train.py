@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from ctr_ad.config import load_config
@@ -59,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
         from ctr_ad.tracking import log_training
 
         summary["mlflow_run_id"] = log_training(tracking, result.run_dir, cfg.to_dict(), result)
-    print(json.dumps(finite_or_none(summary), allow_nan=False))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun: one summary line, from the rank that wrote the bundle
+        print(json.dumps(finite_or_none(summary), allow_nan=False))
     return 0
 
 

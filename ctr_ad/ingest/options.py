@@ -1,34 +1,48 @@
 """The options of one ingest, as one validated model shared by the CLI, ``run_ingest`` and pipelines.
 
-Everything here changes what an ingest writes, except ``workers`` (outputs are byte-identical for
-any worker count); the block size is a tuning knob of :func:`ctr_ad.ingest.run.run_ingest`, not an
-option.
+Everything here changes what an ingest writes, except ``workers`` and ``count_memory_mib`` (outputs
+are byte-identical for any worker count or memory budget); the block size is a tuning knob of
+:func:`ctr_ad.ingest.run.run_ingest`, not an option.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from ctr_ad.strict import StrictModel, validate_model
+from ctr_ad.vocabulary import check_caps
 
-SplitMode = Literal["sequential", "random", "files"]
+SplitMode = Literal["sequential", "random", "files", "time"]
 
 
 class IngestOptions(StrictModel):
     """How raw logs become splits; see ``ctr-ad ingest --help`` for each option."""
 
     split: SplitMode = Field("sequential", description="sequential keeps file order (test = latest "
-                             "rows); random is seeded; files: one input file per split")
+                             "rows); random is seeded; files: one input file per split; time: by the "
+                             "declared time column (test = latest times)")
     valid_frac: float = Field(0.1, ge=0, lt=1, description="fraction of rows in the valid split")
     test_frac: float = Field(0.1, ge=0, lt=1, description="fraction of rows in the test split")
     min_count: int = Field(2, ge=1, description="categorical values seen fewer times in train map "
                            "to out-of-vocabulary")
+    max_vocab: int | dict[str, int] | None = Field(
+        None, description="keep at most N values per categorical field (the most frequent; ties: the "
+        "smaller value first), the rest map to out-of-vocabulary: N for every field, or per field "
+        "FIELD=N,FIELD=N, or a YAML file with max_vocab: {FIELD: N}")
+    count_memory_mib: int = Field(16, ge=0, description="memory for the vocabulary counts before "
+                                  "they spill to disk, in MiB (0: spill after every block); the outputs "
+                                  "are identical for any value")
     seed: int = Field(0, description="seed of the random split")
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="fail when more than this fraction "
                                     "of rows is quarantined")
     workers: int = Field(1, ge=1, le=256, description="parallel worker processes")
+
+    @field_validator("max_vocab", mode="before")
+    @classmethod
+    def _caps(cls, value: Any) -> Any:
+        return check_caps(value)  # one message naming the bad field, not one per union member
 
     @model_validator(mode="after")
     def _fractions(self) -> IngestOptions:
@@ -43,4 +57,4 @@ class IngestOptions(StrictModel):
 
     def manifest_options(self) -> dict[str, Any]:
         """The options recorded in manifest.json (those that change the outputs)."""
-        return self.model_dump(exclude={"workers"})
+        return self.model_dump(exclude={"workers", "count_memory_mib"})

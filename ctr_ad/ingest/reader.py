@@ -16,6 +16,7 @@ import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -46,6 +47,11 @@ class Layout:
     integer_dense: bool
     float_ints: bool
     first_data_line: int  # 1-based line number of the first data line
+    #: Declared logs (``--source table``): how the label reads (a ``LabelSpec``; None: 0/1), the time
+    #: column (a ``TimeSpec``), and whether blocks are Parquet row batches instead of lines.
+    label_rule: Any = None
+    time: Any = None
+    parquet: bool = False
 
     @property
     def max_fields(self) -> int:
@@ -288,7 +294,12 @@ def _checks(layout: Layout) -> list[tuple[pl.Expr, pl.Expr]]:
         (pl.col("_nf") < layout.min_fields) | (pl.col("_nf") > layout.max_fields),
         pl.format("expected {} fields, found {}", pl.lit(span), pl.col("_nf")),
     ))
-    if layout.label:
+    if layout.label and layout.label_rule is not None:
+        from ctr_ad.ingest.table import label_check
+
+        checks.append(label_check(layout.label_rule, layout.label,
+                                  pl.col(layout.label).str.strip_chars(LABEL_STRIP)))
+    elif layout.label:
         lab = pl.col(layout.label).str.strip_chars(LABEL_STRIP)
         checks.append((
             ~lab.is_in(["0", "1"]).fill_null(False),
@@ -298,6 +309,10 @@ def _checks(layout: Layout) -> list[tuple[pl.Expr, pl.Expr]]:
         raw = pl.col(name)
         bad, what = _dense_bad(layout, raw, pl.col(f"_v_{name}"))
         checks.append((bad, pl.format("field {}: {} {}", pl.lit(name), raw, pl.lit(what))))
+    if layout.time is not None:
+        from ctr_ad.ingest.table import time_check
+
+        checks.append(time_check(layout.time))
     return [(flag.fill_null(True), reason) for flag, reason in checks]
 
 
@@ -323,15 +338,26 @@ def _outputs(layout: Layout) -> list[pl.Expr]:
     out = [pl.col("_line")]
     if layout.label:
         label = pl.col(layout.label).str.strip_chars(LABEL_STRIP)
-        out.append(label.cast(pl.Float32, strict=False).alias("label"))
+        if layout.label_rule is not None:
+            from ctr_ad.ingest.table import label_value
+
+            out.append(label_value(layout.label_rule, label).alias("label"))
+        else:
+            out.append(label.cast(pl.Float32, strict=False).alias("label"))
     out += [pl.col(f"_v_{name}").alias(name) for name in layout.dense]
     out += [pl.col(name) for name in layout.categorical]
+    if layout.time is not None:
+        out.append(pl.col("_time"))
     return out
 
 
 def _finish(layout: Layout, df: pl.DataFrame, raw_line: Callable[[int], str]) -> RawBlock:
     """Split a parsed frame into validated rows and quarantine records (reasons only for bad rows)."""
     checks = _checks(layout)
+    if layout.time is not None:
+        from ctr_ad.ingest.table import with_time
+
+        df = with_time(df, layout.time)
     df = df.with_columns(_dense_value(layout, pl.col(n)).alias(f"_v_{n}") for n in layout.dense)
     df = df.with_columns(_bad=pl.any_horizontal([flag for flag, _ in checks]))
     n_bad = int(df.get_column("_bad").sum())
@@ -404,9 +430,14 @@ def _parse_careful(layout: Layout, first_line: int, block: bytes) -> RawBlock:
     return _finish(layout, df, lambda i: raw[i])
 
 
-def parse_block(layout: Layout, first_line: int, block: bytes, long_lines: tuple[LongLine, ...] = ()) -> RawBlock:
+def parse_block(layout: Layout, first_line: int, block: Any, long_lines: tuple[LongLine, ...] = ()) -> RawBlock:
     """Validate and split one block of lines; see the module docstring. ``long_lines`` (from
-    :func:`iter_line_blocks`) are quarantined as too long instead of as the empty lines they became."""
+    :func:`iter_line_blocks`) are quarantined as too long instead of as the empty lines they became.
+    A Parquet layout's blocks are frames of string fields (see :mod:`ctr_ad.ingest.table`)."""
+    if layout.parquet:
+        from ctr_ad.ingest.table import parse_frame_block
+
+        return parse_frame_block(layout, first_line, block)
     parsed = _parse_fast(layout, first_line, block) or _parse_careful(layout, first_line, block)
     if long_lines:
         by_line = {x.line: x for x in long_lines}
@@ -430,25 +461,43 @@ def _first_line(path: Path) -> bytes:
 def open_source(path: Path, spec: SourceSpec, labeled: bool | None = None) -> Layout:
     """Check ``path`` exists, is a non-empty file, and resolve its layout."""
     check_input_file(path)
+    if spec.table is not None:
+        from ctr_ad.ingest.table import parquet_by_format, resolve_table_layout
+
+        if parquet_by_format(path, spec.table):
+            return resolve_table_layout(path, spec, None)
     first = _first_line(path)
     if not first.strip():
         raise UserError(f"{path}: line 1 is empty; expected {spec.name} data")
+    if spec.table is not None:
+        return resolve_table_layout(path, spec, first)
     return resolve_layout(path, spec, first, labeled)
+
+
+def iter_blocks(path: Path, layout: Layout, block_bytes: int = DEFAULT_BLOCK_BYTES) -> Iterator[tuple[int, Any, tuple]]:
+    """``(first_line, block, long_lines)`` for :func:`parse_block`: line blocks of a text log, row
+    batches of a Parquet one."""
+    if layout.parquet:
+        from ctr_ad.ingest.table import iter_parquet_blocks
+
+        return iter_parquet_blocks(path, layout, block_bytes)
+    return iter_line_blocks(path, block_bytes)
 
 
 def iter_raw_blocks(
     path: Path, spec: SourceSpec, labeled: bool | None = None, block_bytes: int = DEFAULT_BLOCK_BYTES
 ) -> Iterator[RawBlock]:
     layout = open_source(path, spec, labeled)
-    for first_line, block, long_lines in iter_line_blocks(path, block_bytes):
+    for first_line, block, long_lines in iter_blocks(path, layout, block_bytes):
         yield parse_block(layout, first_line, block, long_lines)
 
 
 def read_raw(
-    paths: list[Path], source: str, labeled: bool | None = None
+    paths: list[Path], source: str | SourceSpec, labeled: bool | None = None
 ) -> tuple[pl.DataFrame, list[dict]]:
-    """Read whole files into one validated frame (for batch scoring); returns frame and quarantine."""
-    spec = get_source(source)
+    """Read whole files into one validated frame (for batch scoring); returns frame and quarantine.
+    ``source`` is a built-in source's name or a spec (a declared schema's ``to_spec()``)."""
+    spec = source if isinstance(source, SourceSpec) else get_source(source)
     frames: list[pl.DataFrame] = []
     quarantine: list[dict] = []
     for path in paths:

@@ -21,6 +21,7 @@ dataset stays in place until the swap.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import hashlib
@@ -56,17 +57,19 @@ from ctr_ad.ingest.reader import (
     DEFAULT_BLOCK_BYTES,
     Layout,
     LongLine,
-    iter_line_blocks,
+    iter_blocks,
     open_source,
     parse_block,
     read_chunks,
 )
-from ctr_ad.schema import get_source
+from ctr_ad.schema import SourceSpec, get_source
+from ctr_ad.table_schema import TableSchema
+from ctr_ad.vocabulary import resolve_max_vocab
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "valid", "test")
-SPLIT_MODES = ("sequential", "random", "files")
+SPLIT_MODES = ("sequential", "random", "files", "time")
 PARQUET_COMPRESSION = "zstd"
 QUARANTINE = "quarantine.jsonl"
 MANIFEST = "manifest.json"
@@ -85,9 +88,16 @@ class SplitPlan:
     valid_lines: int  # the next valid_lines are valid, the rest test
     valid_frac: float
     test_frac: float
+    #: time: rows before the first cut are train, before the second valid, the rest test.
+    time_cuts: tuple[float, float] = (0.0, 0.0)
 
-    def codes(self, positions: np.ndarray, file_index: int) -> np.ndarray:
-        """0 = train, 1 = valid, 2 = test for rows at global data-line ``positions``."""
+    def codes(self, positions: np.ndarray, file_index: int, times: np.ndarray | None = None) -> np.ndarray:
+        """0 = train, 1 = valid, 2 = test for rows at global data-line ``positions`` (``times``: the
+        rows' time values, for the time split)."""
+        if self.mode == "time":
+            assert times is not None
+            valid_from, test_from = self.time_cuts
+            return np.where(times < valid_from, 0, np.where(times < test_from, 1, 2)).astype(np.int8)
         if self.mode == "files":
             return np.full(len(positions), file_index, dtype=np.int8)
         idx = positions.astype(np.uint64)
@@ -108,7 +118,7 @@ class SplitPlan:
 class BlockTask:
     layout: Layout
     first_line: int
-    block: bytes
+    block: Any  # bytes of whole lines, or a frame of string fields for Parquet
     long_lines: tuple[LongLine, ...]
     spill: str
     file_index: int
@@ -122,7 +132,8 @@ def _parse_count_spill(task: BlockTask, plan: SplitPlan, categorical: list[str],
     parsed = parse_block(task.layout, task.first_line, task.block, task.long_lines)
     frame = parsed.frame
     positions = frame.get_column("_line").to_numpy() - task.layout.first_data_line + task.line_offset
-    codes = plan.codes(positions, task.file_index)
+    times = frame.get_column("_time").to_numpy() if plan.mode == "time" else None
+    codes = plan.codes(positions, task.file_index, times)
     frame = frame.with_columns(_split=pl.Series(codes, dtype=pl.Int8))
     train = frame.filter(pl.col("_split") == 0) if (codes != 0).any() else frame
     statistics = FeatureProcessor.fit_statistics(train, categorical, dense, transform)
@@ -153,6 +164,10 @@ def _transform_block(spill: str, features_path: str) -> list[pl.DataFrame]:
 
 def count_data_lines(path: Path, layout: Layout) -> int:
     """Data lines of a file (header excluded), counted from raw bytes without parsing."""
+    if layout.parquet:
+        from ctr_ad.ingest.table import parquet_rows
+
+        return parquet_rows(path)
     lines = 0
     last = b"\n"
     for chunk in read_chunks(path, 1 << 24):
@@ -245,13 +260,14 @@ def run_ingest(
     *,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     quiet: bool = False,
+    schema: TableSchema | None = None,
     **overrides: Any,
 ) -> dict:
     """Ingest ``inputs`` into ``out``; returns the manifest (also written to ``out/manifest.json``).
 
     ``options`` (or keyword overrides of its fields, e.g. ``split="files"``) say how; ``quiet`` turns
     off progress bars (messages go to the ``ctr_ad.ingest.run`` logger). ``out`` is replaced only
-    when the whole run succeeds.
+    when the whole run succeeds. ``source="table"`` reads a user's log by its declared ``schema``.
     """
     opts = _resolve_options(options, overrides)
     out = Path(out)
@@ -262,7 +278,8 @@ def run_ingest(
         raise UserError("no input files")
     if opts.split == "files" and len(inputs) != 3:
         raise UserError("--split files takes exactly 3 inputs: train, valid, test (in that order)")
-    spec = get_source(source)
+    spec = _source_spec(source, schema)
+    resolve_max_vocab(opts.max_vocab, list(spec.categorical))  # a bad cap fails before any work
     layouts = [open_source(p, spec) for p in inputs]
     for lay in layouts:
         if lay.label is None:
@@ -270,6 +287,9 @@ def run_ingest(
                             f"(score unlabeled logs with `ctr-ad predict`)")
         if lay.dense != layouts[0].dense:
             raise UserError(f"{lay.path}: dense columns differ from {layouts[0].path}")
+        if opts.split == "time" and lay.time is None:
+            raise UserError(f"{lay.path}: --split time needs a time column; declare one in the schema "
+                            f"('time: COLUMN') and check the file has it")
     check_output_dir(out)
     for stale in remove_stale_staging(out):
         log.info("removed %s left by an interrupted ingest", stale)
@@ -280,7 +300,7 @@ def run_ingest(
         raise _os_error(exc, stage) from None
     janitor = Janitor(stage)
     try:
-        manifest = _ingest_into(stage, inputs, layouts, source, out, opts, block_bytes, quiet)
+        manifest = _ingest_into(stage, inputs, layouts, source, spec, out, opts, block_bytes, quiet)
         replace_dir(stage, out)
     except OSError as exc:
         raise _os_error(exc, stage) from None
@@ -291,11 +311,23 @@ def run_ingest(
     return manifest
 
 
-def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source: str, out: Path,
-                 opts: IngestOptions, block_bytes: int, quiet: bool) -> dict:
+def _source_spec(source: str, schema: TableSchema | None) -> SourceSpec:
+    if source == "table":
+        if schema is None:
+            raise UserError("--source table needs a declared schema (--schema FILE or the schema flags)")
+        return schema.to_spec()
+    if schema is not None:
+        raise UserError(f"--schema is read with --source table only (not with --source {source})")
+    try:
+        return get_source(source)
+    except ValueError as exc:
+        raise UserError(str(exc)) from None
+
+
+def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source: str, spec: SourceSpec,
+                 out: Path, opts: IngestOptions, block_bytes: int, quiet: bool) -> dict:
     """Both passes, writing every output into ``stage`` (manifest last); returns the manifest."""
     started = time.time()
-    spec = get_source(source)
     dense = list(layouts[0].dense)
     workers = opts.workers
     spill_dir = stage / ".spills"
@@ -308,13 +340,19 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
         # ---- pass 1: parse, validate, split, count the training rows, spill
         log.info("reading %d file(s) as %s with %d worker(s)", len(inputs), source, workers)
         plan, line_offsets = _split_plan(inputs, layouts, opts)
+        if opts.split == "time":
+            from ctr_ad.ingest.time_split import time_cuts
+
+            plan = dataclasses.replace(plan, time_cuts=time_cuts(inputs, layouts, opts, block_bytes, pool, window))
         file_stats = [{"path": str(p), "rows_read": 0, "rows_written": 0, "rows_quarantined": 0}
                       for p in inputs]
         spills: list[str] = []
         split_rows = dict.fromkeys(SPLITS, 0)
         by_kind: Counter = Counter()
         examples: list[dict] = []
-        fp = FeatureProcessor.unfitted(source, spec, dense, opts.min_count)
+        fp = FeatureProcessor.unfitted(source, spec, dense, opts.min_count, max_vocab=opts.max_vocab,
+                                       count_spill_dir=spill_dir / "counts",
+                                       count_memory_bytes=opts.count_memory_mib << 20)
         task_files: list[int] = []
 
         def tasks() -> Iterator[tuple]:
@@ -322,7 +360,7 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
                 offset = line_offsets[fi]
                 if opts.split != "sequential":  # positions only need to be distinct and stable
                     offset = fi << 40
-                for first_line, block, long_lines in iter_line_blocks(path, block_bytes):
+                for first_line, block, long_lines in iter_blocks(path, lay, block_bytes):
                     spill = str(spill_dir / f"spill-{len(spills):06d}.arrow")
                     spills.append(spill)
                     task_files.append(fi)
@@ -348,12 +386,16 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
                     if len(examples) < 5:
                         examples.append(rec)
         _check_rows(file_stats, by_kind, examples, quarantine_path, inputs, out, opts)
+        fp.finish_fit()  # the vocabularies from the (possibly spilled) counts; frees them
         log.info("fitted features: vocab sizes %s", ", ".join(
             f"{c}={n}" for c, n in zip(fp.categorical_columns, fp.cardinalities, strict=True)))
 
         # ---- pass 2: transform and write the splits
         features_path = stage / "features.json"
         fp.save(features_path)
+        # From here on the processor is the one pass 2 loads (cached per process): one copy of the
+        # vocabularies in memory, not two (they are most of what grows with the data).
+        fp = _load_features(str(features_path))
         _write_splits(stage, spills, str(features_path), pool, window, quiet)
         spill_dir.rmdir()
     finally:
@@ -362,6 +404,8 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
         _load_features.cache_clear()
 
     manifest = _manifest(stage, inputs, source, opts, file_stats, by_kind, split_rows, fp, started)
+    if spec.table is not None:  # as in features.json; built-in manifests keep their exact keys
+        manifest = {**manifest, "schema": spec.table.document()}
     atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=1) + "\n")
     return manifest
 

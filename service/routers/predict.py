@@ -10,7 +10,7 @@ operation in the OpenAPI schema and answers when the app is mounted without the 
 from __future__ import annotations
 
 import logging
-import uuid
+import os
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -51,6 +51,26 @@ def flag(value: str | None, name: str) -> bool:
                           "type": "bool_parsing"}])
 
 
+class RequestIds:
+    """Random 128-bit request ids in hex, as unguessable as ``uuid4().hex``, drawn from the OS
+    1,024 at a time: one ``getrandom`` system call per id was 3 % of a one-instance request."""
+
+    def __init__(self, batch: int = 1024) -> None:
+        self.batch = batch
+        self._pool: list[str] = []
+        self._pid = os.getpid()
+
+    def next(self) -> str:
+        if not self._pool or self._pid != os.getpid():  # a forked worker must not reuse its parent's ids
+            self._pid = os.getpid()
+            raw = os.urandom(16 * self.batch).hex()
+            self._pool = [raw[i:i + 32] for i in range(0, len(raw), 32)]
+        return self._pool.pop()
+
+
+REQUEST_IDS = RequestIds()
+
+
 async def score_request(svc: ServiceState, body: bytes, components: bool) -> tuple[dict[str, Any], dict[str, str]]:
     """The whole predict operation on a request body: (response payload, response headers).
 
@@ -60,7 +80,7 @@ async def score_request(svc: ServiceState, body: bytes, components: bool) -> tup
     batch = slot.parser.parse(body)
     cat, dense = slot.encoder.encode(batch)
     scores = await svc.engine.score(slot, cat, dense)
-    request_id = uuid.uuid4().hex
+    request_id = REQUEST_IDS.next()
     ctr = scores.ctr.tolist()
     std = scores.component_std.tolist()
     if components:

@@ -55,13 +55,14 @@ def run(args: argparse.Namespace) -> int:
         "valid": result.valid_metrics,
         "test": result.test_metrics,
     }
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: one summary line and one MLflow run, from the
+        return 0                             # rank that wrote the bundle
     tracking = tracking_from(cfg.tracking, args.mlflow)
     if tracking is not None:
         from ctr_ad.tracking import log_training
 
         summary["mlflow_run_id"] = log_training(tracking, result.run_dir, cfg.to_dict(), result)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun: one summary line, from the rank that wrote the bundle
-        print(json.dumps(finite_or_none(summary), allow_nan=False))
+    print(json.dumps(finite_or_none(summary), allow_nan=False))
     return 0
 
 

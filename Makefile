@@ -12,7 +12,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev,bench]"
+	$(PY) -m pip install -q -e ".[dev,bench,onnx,mlflow]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -53,8 +53,10 @@ bench-component-parallel: venv
 
 # bench-serve drives the server with wrk (apt-get install wrk): a C client, so the load generator
 # takes little of the CPU the server is measured on.
+# Then the two serving backends (PyTorch bundle, onnxruntime graph) side by side: results/serve-backends.json.
 bench-serve: venv
 	$(PY) benchmarks/bench_serve.py
+	$(PY) benchmarks/bench_serve.py --backends torch onnxruntime
 
 clean:
 	rm -rf $(VENV) runs out benchmarks/work

@@ -14,8 +14,14 @@
 4. Measures, in this process with the server's thread count, the model's forward time
    (``Bundle.predict_arrays``) on the same 1- and 100-instance batches.
 
+With ``--backends torch onnxruntime`` the servers compared are the two runtimes instead (no shadow
+on either): the primary bundle scored by PyTorch, and the same bundle exported with ``ctr-ad export
+--format onnx`` served with ``--backend onnxruntime``; same scenarios, same interleaving, plus each
+runtime's forward time. That comparison is written to ``results/serve-backends.json``.
+
     python benchmarks/bench_serve.py            # writes benchmarks/results/serve.json
     python benchmarks/bench_serve.py --quick    # smoke run (1 round, 2 s per scenario)
+    python benchmarks/bench_serve.py --backends torch onnxruntime   # results/serve-backends.json
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from common import machine_info, median, utc_timestamp, write_json
 REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "benchmarks" / "work" / "serve"
 RESULTS = REPO / "benchmarks" / "results" / "serve.json"
+BACKEND_RESULTS = REPO / "benchmarks" / "results" / "serve-backends.json"
 LISTEN = re.compile(r"on http://([^:\s]+):(\d+) ")
 WRK_SCRIPT = REPO / "benchmarks" / "wrk_post.lua"
 SCENARIOS = [(1, 1), (1, 8), (1, 32), (100, 1), (100, 8), (100, 32)]  # (instances per request, concurrency)
@@ -100,6 +107,20 @@ def prepare(rows: int, model: str) -> tuple[Path, Path, Path]:
             train(data, cfg, run_dir, log=False)
         runs.append(run_dir)
     return log, runs[0], runs[1]
+
+
+def exported_graph(run_dir: Path) -> Path:
+    """The bundle of ``run_dir`` exported to ONNX (cached beside it; redone when the bundle is newer)."""
+    from ctr_ad.onnx_export import export_onnx
+
+    graph = run_dir.with_name(run_dir.name + "-onnx") / "model.onnx"
+    metadata = run_dir / "bundle" / "metadata.json"
+    if not graph.is_file() or graph.stat().st_mtime < metadata.stat().st_mtime:
+        if graph.parent.exists():
+            shutil.rmtree(graph.parent)
+        print(f"[bench-serve] exporting {run_dir.name} to ONNX", file=sys.stderr)
+        export_onnx(run_dir, graph)
+    return graph
 
 
 def request_bodies(log: Path, fields: list[str], n_instances: int, count: int, seed: int = 0) -> list[bytes]:
@@ -209,15 +230,17 @@ def histogram_quantile(q: float, before: dict[float, float], after: dict[float, 
     return float("nan")
 
 
-def forward_times(run_dir: Path, bodies: dict[int, bytes], threads: int, repeats: int = 300) -> dict[int, float]:
-    """Median ms of ``Bundle.predict_arrays`` on each batch (the model alone, already encoded)."""
+def forward_times(run_dir: Path, bodies: dict[int, bytes], threads: int, repeats: int = 300,
+                  backend: str = "torch") -> dict[int, float]:
+    """Median ms of ``predict_arrays`` on each batch (the model alone, already encoded) with ``backend``:
+    the bundle in ``run_dir`` (torch) or the graph exported from it (onnxruntime)."""
     import torch
 
-    from ctr_ad.bundle import load
+    from service.backends import load_model
     from service.encoding import RecordEncoder, RequestParser
 
     torch.set_num_threads(threads)
-    bundle = load(run_dir)
+    bundle = load_model(exported_graph(run_dir) if backend == "onnxruntime" else run_dir, backend, threads)
     parser, encoder = RequestParser(bundle.features, 10_000), RecordEncoder(bundle.features)
     out = {}
     for n, body in bodies.items():
@@ -372,9 +395,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", choices=sorted(MODELS), default="demo", help="bundle shape to serve (default demo)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
     ap.add_argument("--inference", choices=["thread", "inline"], default="thread")
+    ap.add_argument("--backends", nargs="+", choices=["torch", "onnxruntime"], default=["torch"],
+                    help="torch alone: the server without and with a shadow (results/serve.json); "
+                         "torch onnxruntime: the two runtimes side by side (results/serve-backends.json)")
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args(argv)
+    compare = args.backends != ["torch"]
+    args.out = args.out or (BACKEND_RESULTS if compare else RESULTS)
     if args.quick:
         args.seconds, args.warmup, args.repeats = 2.0, 0.5, 1
     if shutil.which("wrk") is None:
@@ -390,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env["OMP_NUM_THREADS"] = str(args.threads)
     common = ["--threads", str(args.threads), "--inference", args.inference, "--max-instances", "1000"]
+    if compare:
+        return compare_backends(args, primary, bodies, env, common)
     configs = {"no_shadow": ["--bundle", str(primary), *common],
                "shadow": ["--bundle", str(primary), "--shadow", str(shadow), *common]}
     load_before = os.getloadavg()
@@ -426,6 +456,68 @@ def main(argv: list[str] | None = None) -> int:
     print_report(result)
     print(f"wrote {args.out}")
     return 0
+
+
+def compare_backends(args: argparse.Namespace, primary: Path, bodies: dict[int, Path], env: dict[str, str],
+                     common: list[str]) -> int:
+    """The same bundle served by each runtime, interleaved round by round; ratios against torch."""
+    graph = exported_graph(primary)
+    configs = {b: ["--bundle", str(graph if b == "onnxruntime" else primary), "--backend", b, *common]
+               for b in args.backends}
+    load_before = os.getloadavg()
+    started = time.time()
+    rounds = run_rounds(configs, bodies, args, env)
+    load_after = os.getloadavg()
+    first = {n: bodies[n].read_bytes().split(b"\n", 1)[0] for n in (1, 100)}
+    forward = {b: {f"{n}inst": v for n, v in forward_times(primary, first, args.threads, backend=b).items()}
+               for b in args.backends}
+    scenarios = summarise(rounds)
+    ratios = {}
+    for b in args.backends:
+        if b == "torch":
+            continue
+        ratios[b] = {key: {m: scenarios[b][key][m]["median"] / scenarios["torch"][key][m]["median"]
+                           for m in ("p50_ms", "p99_ms", "instances_per_s", "server_cpu_ms_per_request")}
+                     for key in scenarios["torch"]}
+    result = {
+        "benchmark": "serve-backends",
+        "created_at": utc_timestamp(),
+        "machine": machine_info(["torch", "onnxruntime", "onnx", "fastapi", "uvicorn"]),
+        "load_generator": subprocess.run(["wrk", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+        or "wrk",
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "wall_seconds": round(time.time() - started, 1),
+        "settings": {"rows": args.rows, "seconds": args.seconds, "warmup": args.warmup, "repeats": args.repeats,
+                     "threads": args.threads, "inference": args.inference, "backends": args.backends,
+                     "model": args.model, "model_shape": MODELS[args.model][1], "shadow": False},
+        "forward_ms": forward,
+        "ratios_vs_torch": ratios,
+        "scenarios": scenarios,
+        "rounds": rounds,
+    }
+    write_json(args.out, result)
+    print(backend_tables(result))
+    print(f"wrote {args.out}")
+    return 0
+
+
+def backend_tables(result: dict[str, Any]) -> str:
+    """The README's table of a backend comparison (medians over rounds, with min–max)."""
+    lines = ["| backend | scenario | p50 ms, median (min–max) | p99 ms, median (min–max) | inst/s "
+             "| server CPU ms/req | load |", "|---|---|---:|---:|---:|---:|---:|"]
+    for name, by_key in result["scenarios"].items():
+        for key, s in by_key.items():
+            def span(m: str, s: dict[str, Any] = s) -> str:
+                return f"{s[m]['median']:.2f} ({s[m]['min']:.2f}–{s[m]['max']:.2f})"
+
+            lines.append(f"| {name} | {key.replace('inst_c', ' inst, c')} | {span('p50_ms')} | {span('p99_ms')} "
+                         f"| {s['instances_per_s']['median']:,.0f} | {s['server_cpu_ms_per_request']['median']:.2f} "
+                         f"| {s['load_1min']['median']:.1f} |")
+    lines += ["", "| backend | forward ms, 1 instance | forward ms, 100 instances |", "|---|---:|---:|"]
+    for name, f in result["forward_ms"].items():
+        lines.append(f"| {name} | {f['1inst']:.3f} | {f['100inst']:.3f} |")
+    return "\n".join(lines)
 
 
 def markdown_tables(result: dict[str, Any]) -> str:

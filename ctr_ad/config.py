@@ -11,6 +11,7 @@ YAML layout (all sections optional, defaults below)::
     anti_distillation: {penalty, lambda, warmup_steps, data_order, penalty_batch_size, signed, eps}
     train:             {batch_size, epochs, lr, embedding_lr, embedding_optimizer, ...}
     data:              {loader, eval_batch_size, stream_buffer_rows, prefetch_batches}
+    tracking:          {experiment, uri, run_name, log_artifacts, tags}   (optional: MLflow, ctr_ad.tracking)
 
 The defaults are the reproducibility recipe confirmed under the experiment protocol (docs/experiments.md,
 "Reproducibility v2"): independent data orders, a frozen logistic-regression anchor, weight averaging
@@ -29,6 +30,7 @@ from pydantic import Field, field_validator, model_validator
 
 from ctr_ad.errors import UserError
 from ctr_ad.strict import StrictModel, describe_validation_error, load_yaml_mapping, validate_model
+from ctr_ad.tracking import TrackingConfig
 
 __all__ = ["Config", "describe_validation_error", "load_config", "set_dotted"]
 
@@ -205,6 +207,7 @@ class Config(_Section):
     anti_distillation: AntiDistillationConfig = Field(default_factory=AntiDistillationConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     data: DataConfig = Field(default_factory=DataConfig)
+    tracking: TrackingConfig | None = Field(None, description="log `ctr-ad train` runs to MLflow (ctr_ad.tracking)")
 
     @model_validator(mode="after")
     def _components_own_their_tables(self) -> Config:
@@ -225,8 +228,12 @@ class Config(_Section):
         return self
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain, YAML/JSON-able dict using the file's key names (``lambda``, not ``lam``)."""
-        return self.model_dump(mode="json", by_alias=True)
+        """Plain, YAML/JSON-able dict using the file's key names (``lambda``, not ``lam``). Without a
+        ``tracking`` section the key is left out, so configs, bundles and replica hashes stay as before."""
+        data = self.model_dump(mode="json", by_alias=True)
+        if data.get("tracking") is None:
+            data.pop("tracking", None)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any], origin: str = "config") -> Config:

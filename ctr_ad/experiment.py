@@ -14,6 +14,7 @@ An experiment config (YAML, every section ``extra=forbid``)::
       - {name: logreg, kind: logreg, C: 1.0}
     grids:                       # penalties × lambdas × data_orders, named <name>-<penalty>-l<λ>-<order>
       - {name: ad, penalties: [output_decorrelation], lambdas: [0.1, 1.0], data_orders: [independent]}
+    tracking: {experiment: ctr-ad}   # optional: log params, per-arm metrics, verdict, artifacts to MLflow
 
 Replicas of one arm differ only in their seeds; data, config and code are identical. Replica r of every
 arm uses the same seeds, so arms are compared on common random numbers.
@@ -61,6 +62,7 @@ from ctr_ad.files import atomic_write_with, utc_timestamp
 from ctr_ad.layout import DataDir, ExperimentDir
 from ctr_ad.protocol import AD_ROLE, decide_verdict
 from ctr_ad.strict import StrictModel, load_yaml_mapping, validate_model
+from ctr_ad.tracking import TrackingConfig
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +128,7 @@ class ExperimentConfig(StrictModel):
     workers: int | None = Field(None, ge=1, description="replicas trained at once, one torch thread each (None = CPUs)")
     arms: list[ArmSpec] = Field(default_factory=list)
     grids: list[GridSpec] = Field(default_factory=list)
+    tracking: TrackingConfig | None = Field(None, description="log the experiment to MLflow (ctr_ad.tracking)")
 
     @field_validator("top_fractions")
     @classmethod

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -29,10 +30,18 @@ C_GRID = (0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 def one_hot(frame: pl.DataFrame, features: Any) -> sparse.csr_matrix:
     """CSR matrix [one-hot of every categorical index ‖ dense features] of a model-ready frame."""
     cat_cols, dense_cols = features.categorical_columns, features.dense_columns
-    n = frame.height
-    offsets = np.concatenate([[0], np.cumsum(features.cardinalities)]).astype(np.int64)
-    cat = frame.select(cat_cols).to_numpy().astype(np.int64) + offsets[:-1]
-    dense = frame.select(dense_cols).to_numpy().astype(np.float64) if dense_cols else np.zeros((n, 0))
+    cat = frame.select(cat_cols).to_numpy()
+    dense = frame.select(dense_cols).to_numpy() if dense_cols else np.zeros((frame.height, 0))
+    return one_hot_arrays(cat, dense, features.cardinalities)
+
+
+def one_hot_arrays(cat: np.ndarray, dense: np.ndarray, cardinalities: Sequence[int]) -> sparse.csr_matrix:
+    """CSR matrix [one-hot of every categorical index ‖ dense features] of encoded arrays:
+    ``cat`` int [N, F] (index per field, < its cardinality), ``dense`` float [N, D]."""
+    n = int(cat.shape[0])
+    offsets = np.concatenate([[0], np.cumsum(cardinalities)]).astype(np.int64)
+    cat = np.asarray(cat).astype(np.int64) + offsets[:-1]
+    dense = np.asarray(dense, dtype=np.float64).reshape(n, -1)
     n_cat = int(offsets[-1])
     dense_idx = np.broadcast_to(n_cat + np.arange(dense.shape[1]), (n, dense.shape[1]))
     cols = np.concatenate([cat, dense_idx], axis=1)
@@ -103,9 +112,17 @@ def fit_linear(train: pl.DataFrame, valid: pl.DataFrame | None, features: Any, C
     """Fit on ``train``; with ``C`` None choose it from :data:`C_GRID` by validation logloss."""
     n_cat = int(sum(features.cardinalities))
     x, y = one_hot(train, features), train["label"].to_numpy()
-    if C is not None or valid is None or valid.height == 0:
+    if valid is None or valid.height == 0:
+        return fit_linear_matrices(x, y, None, None, n_cat, C, max_iter)
+    return fit_linear_matrices(x, y, one_hot(valid, features), valid["label"].to_numpy(), n_cat, C, max_iter)
+
+
+def fit_linear_matrices(x: sparse.csr_matrix, y: np.ndarray, xv: sparse.csr_matrix | None, yv: np.ndarray | None,
+                        n_cat: int, C: float | None, max_iter: int = 1000) -> LinearFit:
+    """:func:`fit_linear` on one-hot matrices (:func:`one_hot_arrays`) whose first ``n_cat`` columns
+    are the categorical rows; with ``C`` None and validation rows, C is chosen from :data:`C_GRID`."""
+    if C is not None or xv is None or yv is None or xv.shape[0] == 0:
         return _split_weights(fit_logreg(x, y, C if C is not None else 1.0, max_iter), n_cat)
-    xv, yv = one_hot(valid, features), valid["label"].to_numpy()
     search, best = [], None
     previous = None
     for c in sorted(C_GRID):

@@ -1,4 +1,4 @@
-"""Accuracy, calibration and prediction-difference (PD) metrics, on numpy arrays.
+"""Accuracy, calibration and prediction-difference (PD) metrics, on numpy arrays or torch tensors.
 
 Accuracy of one prediction vector ``p`` against 0/1 labels ``y``:
     logloss, auc, calibration = mean(p) / mean(y), ece (expected calibration error over equal-mass bins).
@@ -29,8 +29,19 @@ EPS = 1e-7
 DEFAULT_TOP_FRACTIONS: tuple[float, ...] = (0.01, 0.1)
 
 
-def _f64(x: np.ndarray | Sequence[float]) -> np.ndarray:
-    return np.asarray(x, dtype=np.float64).reshape(-1)
+def _as_numpy(x: object) -> np.ndarray:
+    """numpy view of an array-like; a torch tensor (any device, with or without grad) is detached and
+    copied to the CPU first. Duck-typed so that importing this module never imports torch."""
+    if hasattr(x, "detach") and hasattr(x, "cpu"):
+        x = x.detach().cpu()
+        if getattr(x, "dtype", None) is not None and not x.dtype.is_floating_point:
+            return x.numpy()
+        return x.double().numpy()
+    return np.asarray(x)
+
+
+def _f64(x: object) -> np.ndarray:
+    return np.asarray(_as_numpy(x), dtype=np.float64).reshape(-1)
 
 
 # --------------------------------------------------------------------------------------------- accuracy
@@ -149,6 +160,25 @@ def churn_key(fraction: float) -> str:
     return f"churn_top{int(pct) if float(pct).is_integer() else pct:g}"
 
 
+def prediction_difference(p1: object, p2: object, kind: str = "pd_rel") -> float:
+    """PD between two models' predictions on the same rows (numpy arrays or torch tensors): by default
+    the relative PD, mean 2|p1 − p2| / (p1 + p2); ``kind`` names any key of :func:`pd_metrics`."""
+    if kind == "pd_rel":
+        d = rel_diff(p1, p2)
+        if d.size == 0:
+            raise ValueError("PD of empty predictions")
+        return float(d.mean())
+    if kind == "pd_abs":
+        d = abs_diff(p1, p2)
+        if d.size == 0:
+            raise ValueError("PD of empty predictions")
+        return float(d.mean())
+    out = pd_metrics(p1, p2)
+    if kind not in out:
+        raise ValueError(f"unknown PD kind {kind!r}; known: {sorted(out)}")
+    return out[kind]
+
+
 def pd_metrics(
     p1: np.ndarray, p2: np.ndarray, top_fractions: Iterable[float] = DEFAULT_TOP_FRACTIONS
 ) -> dict[str, float]:
@@ -184,7 +214,7 @@ def pd_by_group(
     p1: np.ndarray, p2: np.ndarray, groups: np.ndarray, n_groups: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mean |p1 − p2|, mean relative PD, rows) per integer group label in [0, n_groups)."""
-    g = np.asarray(groups, dtype=np.int64).reshape(-1)
+    g = np.asarray(_as_numpy(groups), dtype=np.int64).reshape(-1)
     counts = np.bincount(g, minlength=n_groups).astype(np.float64)
     safe = np.maximum(counts, 1.0)
     pd_abs = np.bincount(g, weights=abs_diff(p1, p2), minlength=n_groups) / safe
@@ -200,7 +230,7 @@ def deciles(p: np.ndarray, bins: int = 10) -> np.ndarray:
 # --------------------------------------------------------------------------------------------- ensembles
 def component_correlation_matrix(logits: np.ndarray) -> np.ndarray:
     """Pearson correlation [K, K] of the component logits over the rows (constant rows → 0, diagonal 1)."""
-    z = np.asarray(logits, dtype=np.float64)
+    z = np.asarray(_as_numpy(logits), dtype=np.float64)
     if z.ndim != 2:
         raise ValueError("logits must be [K, N]")
     zc = z - z.mean(axis=1, keepdims=True)
@@ -222,7 +252,7 @@ def component_correlation(logits: np.ndarray) -> float:
 
 def component_spread(probs: np.ndarray) -> float:
     """Mean over rows of the std over components of their probabilities (0 for K = 1)."""
-    q = np.asarray(probs, dtype=np.float64)
+    q = np.asarray(_as_numpy(probs), dtype=np.float64)
     if q.ndim != 2:
         raise ValueError("probs must be [K, N]")
     return float(q.std(axis=0).mean()) if q.shape[1] else math.nan

@@ -202,7 +202,7 @@ def set_determinism(enabled: bool) -> None:
 def config_diff(a: dict[str, Any], b: dict[str, Any]) -> list[str]:
     """The keys (outside :data:`RESUME_FREE_KEYS`) on which two config dicts differ."""
     diffs = []
-    for section in sorted(set(a) | set(b)):
+    for section in sorted((set(a) | set(b)) - {"tracking"}):  # where a run is logged does not change it
         sa, sb = a.get(section, {}), b.get(section, {})
         for key in sorted(set(sa) | set(sb)):
             if (section, key) not in RESUME_FREE_KEYS and sa.get(key) != sb.get(key):

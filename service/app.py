@@ -63,8 +63,9 @@ def freeze_heap() -> None:
 
 def load_state(settings: ServiceSettings) -> ServiceState:
     """Load the primary (and shadow) bundles; raises ``UserError`` naming the bad file."""
-    primary = load_slot(settings.bundle, settings.max_instances, settings.offline_pd_rel)
-    shadow = load_slot(settings.shadow, settings.max_instances) if settings.shadow else None
+    runtime = {"backend": settings.backend, "threads": settings.threads}
+    primary = load_slot(settings.bundle, settings.max_instances, settings.offline_pd_rel, **runtime)
+    shadow = load_slot(settings.shadow, settings.max_instances, **runtime) if settings.shadow else None
     if shadow is not None and primary.bundle.config.model != shadow.bundle.config.model:
         log.warning("shadow %s has a different model config than %s: live PD then measures more "
                     "than retraining noise", shadow.path, primary.path)

@@ -14,7 +14,7 @@ import logging
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from ctr_ad.errors import UserError
 from ctr_ad.files import utc_timestamp
 from ctr_ad.layout import PublishedDir
 from service.encoding import RecordEncoder, RequestParser
+
+if TYPE_CHECKING:
+    from service.backends import ScoringModel
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +42,7 @@ class Scores:
 
 @dataclass
 class ModelSlot:
-    bundle: bundle_mod.Bundle
+    bundle: ScoringModel
     parser: RequestParser
     encoder: RecordEncoder
     version: str
@@ -128,10 +131,14 @@ def resolve_published(path: str | Path) -> Path:
     return path
 
 
-def load_slot(path: str | Path, max_instances: int, offline_pd_rel: float | None = None) -> ModelSlot:
-    """Load, validate and warm up a bundle; a bad bundle raises ``BundleError`` (a ``UserError``)."""
+def load_slot(path: str | Path, max_instances: int, offline_pd_rel: float | None = None, backend: str = "torch",
+              threads: int = 1) -> ModelSlot:
+    """Load, validate and warm up a bundle (or, with ``backend="onnxruntime"``, an exported graph);
+    a bad one raises ``BundleError`` (a ``UserError``)."""
+    from service.backends import load_model
+
     source = Path(path)
-    bundle = bundle_mod.load(resolve_published(source))
+    bundle = load_model(source, backend, threads)
     features = bundle.features
     if not features.raw_fields:
         raise UserError(f"{bundle.path}: the bundle's features name no raw fields")
@@ -153,6 +160,7 @@ def load_slot(path: str | Path, max_instances: int, offline_pd_rel: float | None
         "created_at": meta.get("created_at"),
         "loaded_at": slot.loaded_at,
         "bundle_path": str(bundle.path),
+        "backend": backend,
         "package_version": meta.get("version"),
         "components": bundle.components,
         "penalty": meta.get("penalty"),

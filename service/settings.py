@@ -38,6 +38,10 @@ class ServiceSettings(BaseSettings):
                     "and the shadow thread already share the cores, and micro-batching gains more than "
                     "intra-op parallelism at serving batch sizes",
     )
+    backend: Literal["torch", "onnxruntime"] = Field(
+        "torch", description="what scores requests: torch (a bundle) or onnxruntime (a graph written by "
+                             "`ctr-ad export --format onnx`; needs the [onnx] extra)",
+    )
     inference: Literal["thread", "inline"] = Field(
         "thread", description="thread: one inference thread micro-batches concurrent requests; "
                               "inline: score in the event loop (no thread hop, no batching)",

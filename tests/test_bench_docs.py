@@ -23,3 +23,16 @@ def test_serve_readme_agrees_with_serve_json() -> None:
     for name, value in result["figures"].items():
         assert result["meets_targets"][name] is (
             value >= bench_serve.TARGETS[name] if name.startswith("instances") else value <= bench_serve.TARGETS[name])
+
+
+def test_serve_backends_readme_agrees_with_serve_backends_json() -> None:
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    try:
+        import bench_serve
+    finally:
+        sys.path.pop(0)
+    result = json.loads((REPO / "benchmarks" / "results" / "serve-backends.json").read_text())
+    assert set(result["scenarios"]) == {"torch", "onnxruntime"}
+    assert set(result["scenarios"]["torch"]) == {f"{n}inst_c{c}" for n in (1, 100) for c in (1, 8, 32)}
+    readme = (REPO / "benchmarks" / "README.md").read_text()
+    assert bench_serve.backend_tables(result) in readme

@@ -21,6 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("ctr_ad.cli.synth", "write a Criteo-like synthetic click log"),
     "train": ("ctr_ad.cli.train", "train an (anti-distilled) ensemble on ingested data"),
     "predict": ("ctr_ad.cli.predict", "score a raw log with a trained bundle"),
+    "export": ("ctr_ad.cli.export", "export a bundle to another format (ONNX)"),
     "experiment": ("ctr_ad.cli.experiment", "run replicated arms and measure reproducibility"),
     "report": ("ctr_ad.cli.report", "write report.html / report.md for an experiment"),
     "pipeline": ("ctr_ad.cli.pipeline", "run a batch pipeline (ingest → experiment → report)"),

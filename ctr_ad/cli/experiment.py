@@ -31,6 +31,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="train nothing: summarise the arms whose replicas are all finished",
     )
     parser.add_argument("--report", action="store_true", help="also write report.html / report.md")
+    parser.add_argument("--mlflow", nargs="?", const="", metavar="EXPERIMENT",
+                        help="log params, per-arm metrics, the verdict and artifacts to MLflow "
+                             "($MLFLOW_TRACKING_URI, else ./mlruns); the config's tracking section does the same")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,4 +54,11 @@ def run(args: argparse.Namespace) -> int:
 
         html_path = write_report(args.out)
         print(f"report: {html_path}")
+    from ctr_ad.cli.train import tracking_from
+
+    tracking = tracking_from(cfg.tracking, args.mlflow)
+    if tracking is not None:
+        from ctr_ad.tracking import log_experiment
+
+        print(f"mlflow run: {log_experiment(tracking, args.out, results)}")
     return 0

@@ -9,6 +9,7 @@ import sys
 
 from ctr_ad.config import load_config
 from ctr_ad.files import finite_or_none
+from ctr_ad.tracking import TrackingConfig
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -27,6 +28,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deterministic", action="store_true", help="deterministic kernels (bit-identical reruns)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override train.device")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--mlflow", nargs="?", const="", metavar="EXPERIMENT",
+                        help="log the run to MLflow ($MLFLOW_TRACKING_URI, else ./mlruns), optionally naming the "
+                             "MLflow experiment; the config's tracking section does the same")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -51,6 +55,21 @@ def run(args: argparse.Namespace) -> int:
         "valid": result.valid_metrics,
         "test": result.test_metrics,
     }
-    if os.environ.get("RANK", "0") == "0":  # under torchrun: one summary line, from the rank that wrote the bundle
-        print(json.dumps(finite_or_none(summary), allow_nan=False))
+    if os.environ.get("RANK", "0") != "0":  # under torchrun: one summary line and one MLflow run, from the
+        return 0                             # rank that wrote the bundle
+    tracking = tracking_from(cfg.tracking, args.mlflow)
+    if tracking is not None:
+        from ctr_ad.tracking import log_training
+
+        summary["mlflow_run_id"] = log_training(tracking, result.run_dir, cfg.to_dict(), result)
+    print(json.dumps(finite_or_none(summary), allow_nan=False))
     return 0
+
+
+def tracking_from(section: TrackingConfig | None, flag: str | None) -> TrackingConfig | None:
+    """The config's tracking section, or (``--mlflow [EXPERIMENT]``) the defaults, the flag's
+    experiment name replacing the section's."""
+    if flag is None:
+        return section
+    base = section or TrackingConfig()
+    return base.model_copy(update={"experiment": flag}) if flag else base

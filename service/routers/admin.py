@@ -64,7 +64,8 @@ async def reload(svc: State, _: AdminAuth, body: ReloadRequest | None = None) ->
 
 async def _load(svc: ServiceState, field: str, path: str, offline_pd_rel: float | None) -> ModelSlot:
     try:
-        return await asyncio.to_thread(load_slot, path, svc.settings.max_instances, offline_pd_rel)
+        s = svc.settings
+        return await asyncio.to_thread(load_slot, path, s.max_instances, offline_pd_rel, s.backend, s.threads)
     except UserError as exc:
         svc.metrics.reloads.labels("error").inc()
         raise ApiError(422, [error_item([field], f"cannot load bundle: {exc}", "bundle_error")]) from None

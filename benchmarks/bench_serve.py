@@ -502,17 +502,21 @@ def compare_backends(args: argparse.Namespace, primary: Path, bodies: dict[int, 
     return 0
 
 
+def _span(stats: dict[str, Any], measure: str) -> str:
+    """``median (min–max)`` of one measure over the rounds."""
+    m = stats[measure]
+    return f"{m['median']:.2f} ({m['min']:.2f}–{m['max']:.2f})"
+
+
 def backend_tables(result: dict[str, Any]) -> str:
     """The README's table of a backend comparison (medians over rounds, with min–max)."""
     lines = ["| backend | scenario | p50 ms, median (min–max) | p99 ms, median (min–max) | inst/s "
              "| server CPU ms/req | load |", "|---|---|---:|---:|---:|---:|---:|"]
     for name, by_key in result["scenarios"].items():
         for key, s in by_key.items():
-            def span(m: str, s: dict[str, Any] = s) -> str:
-                return f"{s[m]['median']:.2f} ({s[m]['min']:.2f}–{s[m]['max']:.2f})"
-
-            lines.append(f"| {name} | {key.replace('inst_c', ' inst, c')} | {span('p50_ms')} | {span('p99_ms')} "
-                         f"| {s['instances_per_s']['median']:,.0f} | {s['server_cpu_ms_per_request']['median']:.2f} "
+            lines.append(f"| {name} | {key.replace('inst_c', ' inst, c')} | {_span(s, 'p50_ms')} "
+                         f"| {_span(s, 'p99_ms')} | {s['instances_per_s']['median']:,.0f} "
+                         f"| {s['server_cpu_ms_per_request']['median']:.2f} "
                          f"| {s['load_1min']['median']:.1f} |")
     lines += ["", "| backend | forward ms, 1 instance | forward ms, 100 instances |", "|---|---:|---:|"]
     for name, f in result["forward_ms"].items():
@@ -527,12 +531,10 @@ def markdown_tables(result: dict[str, Any]) -> str:
              "| server CPU ms/req | load |", "|---|---|---:|---:|---:|---:|---:|---:|"]
     for name, by_key in result["scenarios"].items():
         for key, s in by_key.items():
-            def span(m: str, s: dict[str, Any] = s) -> str:
-                return f"{s[m]['median']:.2f} ({s[m]['min']:.2f}–{s[m]['max']:.2f})"
-
-            lines.append(f"| {name.replace('_', ' ')} | {key.replace('inst_c', ' inst, c')} | {span('p50_ms')} "
-                         f"| {span('p99_ms')} | {s['max_ms']['median']:.1f} | {s['instances_per_s']['median']:,.0f} "
-                         f"| {s['server_cpu_ms_per_request']['median']:.2f} | {s['load_1min']['median']:.1f} |")
+            lines.append(f"| {name.replace('_', ' ')} | {key.replace('inst_c', ' inst, c')} | {_span(s, 'p50_ms')} "
+                         f"| {_span(s, 'p99_ms')} | {s['max_ms']['median']:.1f} "
+                         f"| {s['instances_per_s']['median']:,.0f} | {s['server_cpu_ms_per_request']['median']:.2f} "
+                         f"| {s['load_1min']['median']:.1f} |")
     lines += ["", "| scenario | server CPU / request | p50 | p99 | throughput |", "|---|---:|---:|---:|---:|"]
     for key, c in result["shadow_cost"].items():
         lines.append(f"| {key.replace('inst_c', ' inst, c')} | {c['server_cpu_growth']:+.0%} | {c['p50_growth']:+.0%} "

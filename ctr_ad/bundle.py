@@ -142,6 +142,10 @@ class Bundle:
         self._cardinalities = torch.tensor(model.cardinalities, dtype=torch.long, device=self.device)
         self._cardinalities_np = np.asarray(model.cardinalities, dtype=np.int64)
 
+    @property
+    def metadata_file(self) -> Path:
+        return self.path / METADATA
+
     def __repr__(self) -> str:
         return f"Bundle({str(self.path)!r}, K={self.components}, penalty={self.metadata.get('penalty')!r})"
 

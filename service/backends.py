@@ -30,6 +30,7 @@ class ScoringModel(Protocol):
     features: Any  # ctr_ad.features.FeatureProcessor
     config: Any  # ctr_ad.config.Config
     metadata: dict[str, Any]
+    metadata_file: Path  # where ``metadata`` was read (named as the offline figures' source)
     components: int
 
     def predict_arrays(self, cat: np.ndarray, dense: np.ndarray) -> Prediction: ...

@@ -86,7 +86,8 @@ def model_version(bundle_dir: Path, metadata: dict[str, Any]) -> str:
     return f"{created}-{digest}"
 
 
-def offline_metrics(bundle_dir: Path, metadata: dict[str, Any], given: float | None = None) -> dict[str, Any] | None:
+def offline_metrics(bundle_dir: Path, metadata: dict[str, Any], given: float | None = None,
+                    metadata_file: Path | None = None) -> dict[str, Any] | None:
     """The offline reproducibility (``pd_rel`` between two retrains) the live PD is compared with.
 
     In order: ``given`` (``--offline-pd-rel``, the operator's word); for a bundle the pipeline
@@ -111,7 +112,7 @@ def offline_metrics(bundle_dir: Path, metadata: dict[str, Any], given: float | N
     nested = metadata.get("offline_metrics")
     for value in (nested.get("pd_rel") if isinstance(nested, dict) else None, metadata.get("pd_rel")):
         if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-            return {"pd_rel": float(value), "source": str(bundle_dir / bundle_mod.METADATA)}
+            return {"pd_rel": float(value), "source": str(metadata_file or bundle_dir / bundle_mod.METADATA)}
     return None
 
 
@@ -143,7 +144,7 @@ def load_slot(path: str | Path, max_instances: int, offline_pd_rel: float | None
     if not features.raw_fields:
         raise UserError(f"{bundle.path}: the bundle's features name no raw fields")
     meta = bundle.metadata
-    offline = offline_metrics(bundle.path, meta, offline_pd_rel)
+    offline = offline_metrics(bundle.path, meta, offline_pd_rel, bundle.metadata_file)
     slot = ModelSlot(
         bundle=bundle,
         parser=RequestParser(features, max_instances),

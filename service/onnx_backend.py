@@ -43,6 +43,7 @@ class OnnxBundle:
     def __init__(self, graph: Path, session: Any, features: Any, config: Config, metadata: dict[str, Any]) -> None:
         self.graph = graph
         self.path = graph.parent
+        self.metadata_file = graph  # the export stores the bundle's metadata inside the graph
         self.session = session
         self.features = features
         self.config = config

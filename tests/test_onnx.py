@@ -176,3 +176,13 @@ def test_onnxruntime_backend_serves_the_same_routes(runs: dict[str, Path]) -> No
         assert bad.status_code == 422
     finally:
         server.stop()
+
+
+def test_offline_figures_of_a_graph_name_the_graph_as_their_source(tmp_path: Path) -> None:
+    from service.model_store import offline_metrics
+
+    graph = tmp_path / "model.onnx"
+    found = offline_metrics(tmp_path, {"offline_metrics": {"pd_rel": 0.05}}, metadata_file=graph)
+    assert found == {"pd_rel": 0.05, "source": str(graph)}
+    # A bundle directory keeps naming its metadata.json.
+    assert offline_metrics(tmp_path, {"pd_rel": 0.07})["source"] == str(tmp_path / "metadata.json")

@@ -89,6 +89,8 @@ def frame_to_tensors(
     label = None
     if "label" in frame.columns:
         label = torch.from_numpy(frame["label"].cast(pl.Float32).to_numpy().copy())
+    # Arrays read zero-copy from Arrow are read-only; a tensor over them must not be written in place.
+    cat, dense = np.require(cat, requirements="W"), np.require(dense, requirements="W")
     return torch.from_numpy(cat), torch.from_numpy(dense), label
 
 

@@ -40,7 +40,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
@@ -372,6 +372,33 @@ def _source_spec(source: str, schema: TableSchema | None) -> SourceSpec:
         raise UserError(str(exc)) from None
 
 
+@dataclass
+class _ReadTally:
+    """What pass 1 has read so far, file by file: rows per file and split, quarantine reasons and
+    examples, and the spills pass 2 reads (with the file each came from, for resumable runs)."""
+
+    file_stats: list[dict]
+    split_rows: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
+    by_kind: Counter = field(default_factory=Counter)
+    examples: list[dict] = field(default_factory=list)
+    spills: list[str] = field(default_factory=list)
+    spill_files: list[int] = field(default_factory=list)
+
+    @classmethod
+    def of(cls, inputs: list[Path]) -> _ReadTally:
+        return cls([{"path": str(p), "rows_read": 0, "rows_written": 0, "rows_quarantined": 0} for p in inputs])
+
+    def add(self, fi: int, result: FileResult) -> None:
+        for name, n in zip(SPLITS, result.per_split, strict=True):
+            self.split_rows[name] += n
+        self.file_stats[fi].update(rows_read=result.rows_read, rows_written=result.rows_written,
+                                   rows_quarantined=result.rows_quarantined)
+        self.by_kind.update(result.by_kind)
+        self.examples.extend(result.examples[: 5 - len(self.examples)])
+        self.spills.extend(result.spills)
+        self.spill_files.extend([fi] * len(result.spills))
+
+
 def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source: str, spec: SourceSpec,
                  out: Path, opts: IngestOptions, block_bytes: int, quiet: bool,
                  checkpoints: FileCheckpoints | None = None, progress: bool | None = None) -> dict:
@@ -393,16 +420,10 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
             from ctr_ad.ingest.time_split import time_cuts
 
             plan = dataclasses.replace(plan, time_cuts=time_cuts(inputs, layouts, opts, block_bytes, pool, window))
-        file_stats = [{"path": str(p), "rows_read": 0, "rows_written": 0, "rows_quarantined": 0}
-                      for p in inputs]
-        split_rows = dict.fromkeys(SPLITS, 0)
-        by_kind: Counter = Counter()
-        examples: list[dict] = []
+        tally = _ReadTally.of(inputs)
         fp = FeatureProcessor.unfitted(source, spec, dense, opts.min_count, max_vocab=opts.max_vocab,
                                        count_spill_dir=spill_dir / "counts",
                                        count_memory_bytes=opts.count_memory_mib << 20)
-        spills: list[str] = []
-        spill_files: list[int] = []
         quarantine_path = stage / QUARANTINE
         bar = FileProgress(inputs, progress_wanted(progress, quiet))
         try:
@@ -420,20 +441,13 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
                     bar.file_done(fi, resumed)
                     for statistics in result.statistics:
                         fp.partial_fit(statistics=statistics)
-                    for name, n in zip(SPLITS, result.per_split, strict=True):
-                        split_rows[name] += n
-                    file_stats[fi].update(rows_read=result.rows_read, rows_written=result.rows_written,
-                                          rows_quarantined=result.rows_quarantined)
-                    by_kind.update(result.by_kind)
-                    examples.extend(result.examples[: 5 - len(examples)])
-                    spills.extend(result.spills)
-                    spill_files.extend([fi] * len(result.spills))
+                    tally.add(fi, result)
                     if checkpoints is not None:  # the file's quarantined lines, kept in its folder
                         with open(result.quarantine, encoding="utf-8") as part:
                             shutil.copyfileobj(part, qf)
         finally:
             bar.close()
-        _check_rows(file_stats, by_kind, examples, quarantine_path, inputs, out, opts)
+        _check_rows(tally.file_stats, tally.by_kind, tally.examples, quarantine_path, inputs, out, opts)
         fp.finish_fit()  # the vocabularies from the (possibly spilled) counts; frees them
         log.info("fitted features: vocab sizes %s", ", ".join(
             f"{c}={n}" for c, n in zip(fp.categorical_columns, fp.cardinalities, strict=True)))
@@ -444,7 +458,7 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
         # From here on the processor is the one pass 2 loads (cached per process): one copy of the
         # vocabularies in memory, not two (they are most of what grows with the data).
         fp = _load_features(str(features_path))
-        _write_splits(stage, _consume(spills, spill_files, checkpoints), str(features_path), pool, window,
+        _write_splits(stage, _consume(tally.spills, tally.spill_files, checkpoints), str(features_path), pool, window,
                       quiet or progress is False)
         spill_dir.rmdir()
     finally:
@@ -452,7 +466,7 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
             pool.shutdown(cancel_futures=True)
         _load_features.cache_clear()
 
-    manifest = _manifest(stage, inputs, source, opts, file_stats, by_kind, split_rows, fp, started)
+    manifest = _manifest(stage, inputs, source, opts, tally.file_stats, tally.by_kind, tally.split_rows, fp, started)
     if spec.table is not None:  # as in features.json; built-in manifests keep their exact keys
         manifest = {**manifest, "schema": spec.table.document()}
     atomic_write_text(stage / MANIFEST, json.dumps(manifest, indent=1) + "\n")

@@ -4,7 +4,9 @@
    16, MLP 400-400-400 — for one short epoch on a synthetic Criteo log: the primary and, with other
    seeds, its shadow replica. The weights are barely trained; speed does not care.
 2. Starts the real servers (``python -m ctr_ad.cli serve``, 127.0.0.1, free ports): one without and
-   one with ``--shadow``, both up for the whole run, and drives them with ``wrk`` (a C load
+   one with ``--shadow``, both with ``--workers`` processes (default 2, one per core of the benchmark
+   machine), and, for comparison, one single-process server without a shadow; all are up for the
+   whole run, driven by ``wrk`` (a C load
    generator: the client takes little of the 2 cores the server runs on). Every one of C
    connections keeps exactly one request in flight; bodies are pre-serialised real synthetic rows.
    Scenarios: 1- and 100-instance requests at concurrency 1, 8 and 32.
@@ -27,6 +29,7 @@ runtime's forward time. That comparison is written to ``results/serve-backends.j
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -145,6 +148,7 @@ def request_bodies(log: Path, fields: list[str], n_instances: int, count: int, s
 class Server:
     def __init__(self, args: list[str], log_path: Path, env: dict[str, str]) -> None:
         self.log_path = log_path
+        self.workers = int(args[args.index("--workers") + 1]) if "--workers" in args else 1
         with log_path.open("w") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "ctr_ad.cli", "serve", *args, "--port", "0", "--log-level", "warning"],
@@ -232,25 +236,32 @@ def histogram_quantile(q: float, before: dict[float, float], after: dict[float, 
 
 def forward_times(run_dir: Path, bodies: dict[int, bytes], threads: int, repeats: int = 300,
                   backend: str = "torch") -> dict[int, float]:
-    """Median ms of ``predict_arrays`` on each batch (the model alone, already encoded) with ``backend``:
-    the bundle in ``run_dir`` (torch) or the graph exported from it (onnxruntime)."""
+    """Median ms of scoring each batch (the model alone, already encoded) as the service does with
+    ``backend``: the bundle in ``run_dir`` (torch; batches up to ``SMALL_BATCH_ROWS`` rows by its numpy
+    forward) or the graph exported from it (onnxruntime)."""
     import torch
+    from threadpoolctl import threadpool_limits
 
+    from ctr_ad.small_batch import SMALL_BATCH_ROWS
     from service.backends import load_model
     from service.encoding import RecordEncoder, RequestParser
+    from service.model_store import small_batch_forward
 
     torch.set_num_threads(threads)
+    threadpool_limits(threads, user_api="blas")
     bundle = load_model(exported_graph(run_dir) if backend == "onnxruntime" else run_dir, backend, threads)
+    small = small_batch_forward(bundle)
     parser, encoder = RequestParser(bundle.features, 10_000), RecordEncoder(bundle.features)
     out = {}
     for n, body in bodies.items():
         cat, dense = encoder.encode(parser.parse(body))
+        score = small.predict if small is not None and n <= SMALL_BATCH_ROWS else bundle.predict_arrays
         for _ in range(20):
-            bundle.predict_arrays(cat, dense)
+            score(cat, dense)
         times = []
         for _ in range(repeats):
             t0 = time.perf_counter()
-            bundle.predict_arrays(cat, dense)
+            score(cat, dense)
             times.append(time.perf_counter() - t0)
         out[n] = median(times) * 1000
     return out
@@ -296,21 +307,35 @@ def measure(server: Server, bodies_file: Path, n: int, c: int, seconds: float, w
     """Warm-up run (discarded), then the timed run with the server's CPU time and own histogram."""
     if warmup > 0:
         run_wrk(server.url, bodies_file, c, warmup)
-    proc = psutil.Process(server.proc.pid)
-    hist0, cpu0 = server_histogram(server.url), proc.cpu_times()
+    # Each worker keeps its own /metrics: only a single process's histogram covers every request.
+    scrape = server.workers == 1
+    hist0, cpu0 = server_histogram(server.url) if scrape else {}, server_cpu_seconds(server)
     res = run_wrk(server.url, bodies_file, c, seconds)
-    cpu1, hist1 = proc.cpu_times(), server_histogram(server.url)
+    cpu1, hist1 = server_cpu_seconds(server), server_histogram(server.url) if scrape else {}
     res["instances_per_s"] = res["requests_per_s"] * n
-    res["server_cpu_ms_per_request"] = (cpu1.user + cpu1.system - cpu0.user - cpu0.system) * 1000 / max(
-        res["requests"], 1)
+    res["server_cpu_ms_per_request"] = (cpu1 - cpu0) * 1000 / max(res["requests"], 1)
     # The server's own view (request accepted -> last byte written), interpolated in its buckets.
-    res["server_p99_ms"] = histogram_quantile(0.99, hist0, hist1)
+    res["server_p99_ms"] = histogram_quantile(0.99, hist0, hist1) if scrape else None
     res["load_1min"] = os.getloadavg()[0]
     return res
 
 
-def spread(values: list[float]) -> dict[str, float]:
-    return {"min": min(values), "median": median(values), "max": max(values)}
+def server_cpu_seconds(server: Server) -> float:
+    """User + system CPU seconds of the server and its worker processes."""
+    root = psutil.Process(server.proc.pid)
+    total = 0.0
+    for proc in (root, *root.children(recursive=True)):
+        with contextlib.suppress(psutil.NoSuchProcess):
+            times = proc.cpu_times()
+            total += times.user + times.system
+    return total
+
+
+def spread(values: list[float | None]) -> dict[str, float | None]:
+    known = [v for v in values if v is not None]
+    if not known:
+        return {"min": None, "median": None, "max": None}
+    return {"min": min(known), "median": median(known), "max": max(known)}
 
 
 def summarise(rounds: dict[str, dict[str, list[dict[str, Any]]]]) -> dict[str, Any]:
@@ -394,6 +419,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="rounds (each runs every scenario on every server)")
     ap.add_argument("--model", choices=sorted(MODELS), default="demo", help="bundle shape to serve (default demo)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the server")
+    ap.add_argument("--workers", type=int, default=2,
+                    help="server processes (default 2: one per core of the 2-core benchmark machine)")
     ap.add_argument("--inference", choices=["thread", "inline"], default="thread")
     ap.add_argument("--backends", nargs="+", choices=["torch", "onnxruntime"], default=["torch"],
                     help="torch alone: the server without and with a shadow (results/serve.json); "
@@ -420,8 +447,11 @@ def main(argv: list[str] | None = None) -> int:
     common = ["--threads", str(args.threads), "--inference", args.inference, "--max-instances", "1000"]
     if compare:
         return compare_backends(args, primary, bodies, env, common)
-    configs = {"no_shadow": ["--bundle", str(primary), *common],
-               "shadow": ["--bundle", str(primary), "--shadow", str(shadow), *common]}
+    served = [*common, "--workers", str(args.workers)]
+    configs = {"no_shadow": ["--bundle", str(primary), *served],
+               "shadow": ["--bundle", str(primary), "--shadow", str(shadow), *served]}
+    if args.workers > 1:  # what the extra processes buy, in the same run
+        configs["one_worker"] = ["--bundle", str(primary), *common, "--workers", "1"]
     load_before = os.getloadavg()
     started = time.time()
     rounds = run_rounds(configs, bodies, args, env)
@@ -441,7 +471,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average_after": load_after,
         "wall_seconds": round(time.time() - started, 1),
         "settings": {"rows": args.rows, "seconds": args.seconds, "warmup": args.warmup, "repeats": args.repeats,
-                     "threads": args.threads, "inference": args.inference,
+                     "threads": args.threads, "inference": args.inference, "workers": args.workers,
                      "model": args.model, "model_shape": MODELS[args.model][1]},
         "targets": TARGETS,
         "figures": figures,

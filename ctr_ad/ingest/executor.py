@@ -22,6 +22,14 @@ Engine = Literal["local", "ray"]
 ENGINES: tuple[str, ...] = ("local", "ray")
 
 
+def check_engine(engine: str) -> None:
+    """Fail before any work when ``engine`` cannot run here (``ray`` without Ray installed)."""
+    if engine == "ray":
+        from ctr_ad.ingest.ray_engine import import_ray
+
+        import_ray()
+
+
 def open_executor(engine: str, workers: int) -> tuple[Executor | None, int]:
     """The executor of one ingest (None: run every block in this process) and how many blocks may be
     in flight at once (bounds memory: each holds one block). Shut it down when the ingest ends."""

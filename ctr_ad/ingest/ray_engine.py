@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import socket
 import sys
 import uuid
 from collections.abc import Callable
@@ -93,12 +94,28 @@ def _connect(workers: int) -> bool:
     if not address:
         start_local(local_cpus(workers))
         return True
+    unreachable = _unreachable(address)
+    if unreachable:  # Ray itself retries an unreachable address for minutes
+        raise UserError(f"RAY_ADDRESS={address}: cannot reach the Ray cluster's head ({unreachable})")
     try:
         ray.init(address=address, log_to_driver=False, logging_level=logging.WARNING)
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise UserError(f"RAY_ADDRESS={address}: cannot connect to the Ray cluster ({first})") from None
+        raise UserError(f"RAY_ADDRESS={address}: cannot connect to the Ray cluster ({first}; a cluster with "
+                        f"token authentication needs RAY_AUTH_MODE=token and its RAY_AUTH_TOKEN here too)") from None
     return True
+
+
+def _unreachable(address: str, timeout_s: float = 10.0) -> str | None:
+    """Why nothing answers at ``HOST:PORT`` (or ``ray://HOST:PORT``), or None (also for ``auto``)."""
+    host, sep, port = address.split("://", 1)[-1].rpartition(":")
+    if not sep or not port.isdigit():
+        return None  # auto, local, …: Ray resolves them
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        return exc.strerror or str(exc) or type(exc).__name__
+    return None
 
 
 def _forget_previous_run(fn: Callable) -> None:

@@ -54,7 +54,7 @@ from ctr_ad.errors import UserError
 from ctr_ad.features import FeatureProcessor
 from ctr_ad.files import atomic_write_text, replace_dir, utc_timestamp
 from ctr_ad.hashing import sha256_file
-from ctr_ad.ingest.executor import open_executor
+from ctr_ad.ingest.executor import check_engine, open_executor
 from ctr_ad.ingest.lifecycle import Janitor, remove_stale_staging, staging_dir
 from ctr_ad.ingest.options import IngestOptions
 from ctr_ad.ingest.progress import FileProgress, progress_wanted
@@ -306,6 +306,7 @@ def run_ingest(
         _check_day_order(inputs)
     spec = _source_spec(source, schema)
     resolve_max_vocab(opts.max_vocab, list(spec.categorical))  # a bad cap fails before any work
+    check_engine(opts.engine)  # and so does --engine ray without Ray installed
     layouts = [open_source(p, spec) for p in inputs]
     for lay in layouts:
         if lay.label is None:

@@ -165,8 +165,8 @@ def test_cli_bad_input_is_the_same_one_line_error_on_both_engines(ray_cpus, tmp_
         errors[engine] = (code, capsys.readouterr().err)
     assert errors["ray"] == errors["local"]
     code, err = errors["ray"]
-    assert code == 2 and err == f"ctr-ad ingest: error: {truncated}: truncated or corrupt gzip file " \
-                                 f"(Compressed file ended before the end-of-stream marker was reached)\n"
+    assert code == 2 and err.startswith(f"ctr-ad ingest: error: {truncated}: truncated or corrupt gzip file (")
+    assert err.count("\n") == 1 and "Traceback" not in err
     assert not (tmp_path / "ray").exists()
 
 

@@ -74,6 +74,9 @@ def start_local(num_cpus: int) -> None:
     saved = {k: os.environ.get(k) for k in WORKER_ENV}
     os.environ.update(WORKER_ENV)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # an implicit local instance reports nothing
+    # Token authentication, which Ray >= 2.59 turns on by default for a local instance anyway; said
+    # explicitly, Ray does not print a warning about it on every ingest.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
     try:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING)

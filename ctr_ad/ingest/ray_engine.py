@@ -74,13 +74,20 @@ def start_local(num_cpus: int) -> None:
     saved = {k: os.environ.get(k) for k in WORKER_ENV}
     os.environ.update(WORKER_ENV)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # an implicit local instance reports nothing
-    # Token authentication, which Ray >= 2.59 turns on by default for a local instance anyway; said
-    # explicitly, Ray does not print a warning about it on every ingest.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    # Ray >= 2.59 turns token authentication on for a local instance and says so in a warning on every
+    # start; the instance is private to this run, so the warning is noise here. (Setting RAY_AUTH_MODE
+    # instead would not do: Ray reads it once, at import.)
+    auth_log = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    auth_level = auth_log.level
+    auth_log.setLevel(logging.ERROR)
     try:
         ray.init(address="local", num_cpus=num_cpus, include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING)
+    except Exception as exc:  # whatever stops Ray from starting: one line, not a traceback
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise UserError(f"--engine ray: could not start a local Ray instance ({type(exc).__name__}: {first})") from None
     finally:
+        auth_log.setLevel(auth_level)
         for key, value in saved.items():
             if value is None:
                 os.environ.pop(key, None)

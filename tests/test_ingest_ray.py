@@ -155,6 +155,15 @@ def test_task_errors_are_the_tasks_own_exceptions(ray_cpus, tmp_path):
     assert ray.is_initialized()  # an instance the executor did not start is left running
 
 
+def test_a_cluster_without_cpus_is_one_line_after_the_wait(ray_cpus, monkeypatch):
+    """A head started with --num-cpus=0 whose workers never join: a clear error, not a run that hangs."""
+    monkeypatch.setattr(ray_engine, "WAIT_FOR_CPUS_S", 0.0)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"memory": 1e9})  # what such a cluster reports
+    with pytest.raises(UserError, match=r"^the Ray cluster has no CPUs to run the ingest's tasks on \(waited 0 s"):
+        ray_engine.RayExecutor(workers=1)
+    assert ray.is_initialized()  # not the executor's to shut down
+
+
 def test_cli_bad_input_is_the_same_one_line_error_on_both_engines(ray_cpus, tmp_path, capsys):
     truncated = tmp_path / "day_0.gz"
     truncated.write_bytes(gzip.compress((CRITEO / "train.tsv").read_bytes())[:200_000])

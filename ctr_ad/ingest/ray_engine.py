@@ -28,6 +28,7 @@ import logging
 import os
 import socket
 import sys
+import time
 import uuid
 from collections.abc import Callable
 from concurrent.futures import Executor
@@ -40,6 +41,8 @@ MISSING_RAY = f"--engine ray needs Ray, which is not installed here; install it 
 #: Set in the local instance's workers: one polars thread per task, as in the local engine's pool
 #: (each task holds one CPU; more threads would oversubscribe the cores).
 WORKER_ENV = {"POLARS_MAX_THREADS": "1"}
+#: How long to wait for a cluster without CPUs (a head started with --num-cpus=0) to get a worker node.
+WAIT_FOR_CPUS_S = 120.0
 
 # The ingest this worker process last ran a block of (see _run_block).
 _current_run: str | None = None
@@ -180,15 +183,26 @@ class RayExecutor(Executor):
 
     def __init__(self, workers: int) -> None:
         self.ray = import_ray()
+        self._pending: set[Any] = set()
         self._owns_ray = _connect(workers)
-        cpus = int(self.ray.cluster_resources().get("CPU", 0)) or 1
+        cpus = self._cluster_cpus()
         parallel = min(workers, cpus) if workers > 1 else cpus
         #: Blocks in flight: enough to keep every CPU busy while results are merged in order.
         self.window = max(2 * parallel, 2)
         self.cpus = cpus
         self._task = self.ray.remote(num_cpus=1)(_run_block)
         self._run_id = uuid.uuid4().hex
-        self._pending: set[Any] = set()
+
+    def _cluster_cpus(self) -> int:
+        """The cluster's CPUs, waiting a while for worker nodes that are still joining."""
+        deadline = time.monotonic() + WAIT_FOR_CPUS_S
+        while (cpus := int(self.ray.cluster_resources().get("CPU", 0))) == 0 and time.monotonic() < deadline:
+            time.sleep(1.0)
+        if cpus == 0:
+            self.shutdown()
+            raise UserError(f"the Ray cluster has no CPUs to run the ingest's tasks on (waited "
+                            f"{WAIT_FOR_CPUS_S:.0f} s for a worker node to join)")
+        return cpus
 
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> _RayFuture:  # type: ignore[override]
         if kwargs:

@@ -7,8 +7,9 @@ dataset is the local engine's, byte for byte: the blocks are cut by the same rea
 result is a pure function of the block, and the merge (vocabulary counts, quarantine, row order,
 Parquet writing) happens here, in block order, whichever node ran a block and whenever it finished.
 Ray Data with Arrow blocks was not used: it sizes blocks itself and, unless told otherwise, streams
-them in the order they finish, and it would need a second implementation of the parsing, validation and quarantine that could drift from the
-local engine's; equality would then be a property to hope for, not one by construction.
+them in the order they finish, and it would need a second implementation of the parsing, validation
+and quarantine that could drift from the local engine's; equality would then be a property to hope
+for, not one by construction.
 
 Where the Ray instance comes from: an already initialized one (``ray.init`` by the caller), else the
 cluster ``RAY_ADDRESS`` names, else a new local instance with the available CPUs (``--workers N``

@@ -8,6 +8,8 @@
 FROM python:3.11-slim
 
 ARG TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu"
+# Optional extras of the image, e.g. EXTRAS="[ray]" for the Ray nodes of docker-compose's ray profile.
+ARG EXTRAS=""
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -20,7 +22,7 @@ RUN pip install ${TORCH_SPEC}
 COPY pyproject.toml README.md ./
 COPY ctr_ad ./ctr_ad
 COPY service ./service
-RUN pip install . "uvicorn[standard]" orjson
+RUN pip install ".${EXTRAS}" "uvicorn[standard]" orjson
 COPY pipelines ./pipelines
 COPY data ./data
 COPY deploy ./deploy

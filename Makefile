@@ -6,13 +6,13 @@ PY := $(VENV)/bin/python
 # the recipe so that the shell splits it: pip gets the requirement and each option as separate arguments.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: venv demo test lint bench bench-ingest bench-train bench-train-quick bench-loader bench-threads bench-component-parallel bench-serve clean
+.PHONY: venv demo test lint bench bench-ingest bench-ingest-ray bench-train bench-train-quick bench-loader bench-threads bench-component-parallel bench-serve clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)
-	$(PY) -m pip install -q -e ".[dev,bench,onnx,mlflow]"
+	$(PY) -m pip install -q -e ".[dev,bench,onnx,mlflow,ray]"
 	touch $@
 
 venv: $(VENV)/.installed
@@ -31,6 +31,10 @@ bench: bench-ingest bench-train bench-loader bench-threads bench-serve
 
 bench-ingest: venv
 	$(PY) benchmarks/bench_ingest.py
+
+# --engine ray against the local engine on 200k synthetic rows: cold CLI runs, then on a running Ray instance.
+bench-ingest-ray: venv
+	$(PY) benchmarks/bench_ingest_ray.py
 
 # Full K x batch table with deepctr-torch: 21 min on the shared 2-core VM at load 5-10 (8.5 min with --threads 1).
 bench-train: venv

@@ -275,7 +275,8 @@ def _run_dataset(steps: StepRunner, out: PipelineDir, ds: DatasetSpec, exp_cfg: 
     version = ctr_ad.__version__
     data, exp = out.data(ds.name), out.experiment(ds.name)
     inputs = _dataset_inputs(steps, out, ds)
-    options = ds.model_dump(exclude={"name", "inputs", "synthetic", "experiment", "schema_file"})
+    # engine changes where an ingest runs, not what it writes (and keeps the keys of earlier runs)
+    options = ds.model_dump(exclude={"name", "inputs", "synthetic", "experiment", "schema_file", "engine"})
     ingest_key = {"inputs": [sha256_file(p) for p in inputs], "options": options, "version": version}
     schema = None
     if ds.schema_file is not None:

@@ -227,5 +227,24 @@ def test_dockerfile_copies_existing_paths_and_installs_the_cli() -> None:
             for src in line.split()[1:-1]:
                 assert (REPO / src).exists(), src
                 assert in_build_context(src), f"{src} is excluded by .dockerignore"
-    assert "pip install ." in text
+    assert 'pip install ".${EXTRAS}"' in text and 'ARG EXTRAS=""' in text  # the project, plus extras if asked
     assert 'ctr-ad = "ctr_ad.cli:main"' in (REPO / "pyproject.toml").read_text()
+
+
+def test_ray_profile_is_optional_and_its_ingest_runs_on_the_cluster(services: dict[str, Any]) -> None:
+    """docker compose --profile ray: a head, workers and an ingest job on them; plain `up` is unchanged."""
+    ray_services = {name for name, svc in services.items() if "ray" in svc.get("profiles", [])}
+    assert ray_services == {"ray-head", "ray-worker", "ingest-ray"}
+    assert all("profiles" not in svc for name, svc in services.items() if name not in ray_services)
+    head_port = next(a.split("=")[1] for a in services["ray-head"]["command"] if a.startswith("--port="))
+    for name in ray_services:
+        svc = services[name]
+        assert svc["build"]["args"]["EXTRAS"] == "[ray]" and svc["image"] != OUR_IMAGE
+        assert "runs:/runs" in svc["volumes"]  # spills beside --out: every node sees them
+        assert svc["environment"]["RAY_AUTH_MODE"] == "token"
+    (ingest,) = all_invocations(services)["ingest-ray"]
+    assert ingest.engine == "ray" and str(ingest.out).startswith("/runs/")
+    assert services["ingest-ray"]["environment"]["RAY_ADDRESS"] == f"ray-head:{head_port}"
+    assert f"--address=ray-head:{head_port}" in services["ray-worker"]["command"][2]
+    for rel in map(str, ingest.input):
+        assert (REPO / rel).is_file() and in_build_context(rel) and copied_by_dockerfile(rel), rel

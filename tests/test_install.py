@@ -57,8 +57,8 @@ def make_venv(tmp_path: Path, *overrides: str) -> list[list[str]]:
 def test_default_torch_spec_installs_the_cpu_build(tmp_path: Path) -> None:
     pip = make_venv(tmp_path)
     assert ["-m", "pip", "install", "-q", "torch==2.13.0"] in pip
-    # The optional extras the tests exercise (ONNX, MLflow) are installed too, so their tests run in CI.
-    assert pip[-1] == ["-m", "pip", "install", "-q", "-e", ".[dev,bench,onnx,mlflow]"]
+    # The optional extras the tests exercise (ONNX, MLflow, Ray) are installed too, so their tests run in CI.
+    assert pip[-1] == ["-m", "pip", "install", "-q", "-e", ".[dev,bench,onnx,mlflow,ray]"]
 
 
 def test_torch_spec_with_an_index_option_reaches_pip_as_separate_arguments(tmp_path: Path) -> None:

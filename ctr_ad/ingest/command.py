@@ -59,6 +59,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-bad-fraction", type=float, default=default("max_bad_fraction"),
                         help=help_of("max_bad_fraction"))
     parser.add_argument("--workers", type=int, default=default("workers"), help=help_of("workers"))
+    parser.add_argument("--engine", choices=["local", "ray"], default=default("engine"), help=help_of("engine"))
     parser.add_argument("--quiet", action="store_true", help="only warnings and errors")
     parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                         help="per-file progress bar on stderr with rows/s and ETA (default: only on a "

@@ -1,7 +1,7 @@
 """The options of one ingest, as one validated model shared by the CLI, ``run_ingest`` and pipelines.
 
-Everything here changes what an ingest writes, except ``workers`` and ``count_memory_mib`` (outputs
-are byte-identical for any worker count or memory budget); the block size is a tuning knob of
+Everything here changes what an ingest writes, except ``workers``, ``engine`` and ``count_memory_mib``
+(outputs are byte-identical for any worker count, engine or memory budget); the block size is a tuning knob of
 :func:`ctr_ad.ingest.run.run_ingest`, not an option.
 """
 
@@ -40,7 +40,12 @@ class IngestOptions(StrictModel):
     seed: int = Field(0, description="seed of the random split")
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="fail when more than this fraction "
                                     "of rows is quarantined")
-    workers: int = Field(1, ge=1, le=256, description="parallel worker processes")
+    workers: int = Field(1, ge=1, le=256, description="parallel worker processes (with --engine ray: the "
+                         "local Ray instance's CPUs, or the tasks at a time on a cluster; 1 means all CPUs)")
+    engine: Literal["local", "ray"] = Field("local", description="where the per-block work runs: local (this "
+                                            "process or --workers processes) or ray (Ray tasks on the cluster "
+                                            "RAY_ADDRESS names, else a local Ray instance; pip install "
+                                            "'ctr-ad[ray]'); the outputs are identical")
 
     @field_validator("max_vocab", mode="before")
     @classmethod
@@ -60,4 +65,4 @@ class IngestOptions(StrictModel):
 
     def manifest_options(self) -> dict[str, Any]:
         """The options recorded in manifest.json (those that change the outputs)."""
-        return self.model_dump(exclude={"workers", "count_memory_mib"})
+        return self.model_dump(exclude={"workers", "engine", "count_memory_mib"})

@@ -39,9 +39,8 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
-from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +54,8 @@ from ctr_ad.errors import UserError
 from ctr_ad.features import FeatureProcessor
 from ctr_ad.files import atomic_write_text, replace_dir, utc_timestamp
 from ctr_ad.hashing import sha256_file
-from ctr_ad.ingest.lifecycle import Janitor, remove_stale_staging, staging_dir, worker_init
+from ctr_ad.ingest.executor import check_engine, open_executor
+from ctr_ad.ingest.lifecycle import Janitor, remove_stale_staging, staging_dir
 from ctr_ad.ingest.options import IngestOptions
 from ctr_ad.ingest.progress import FileProgress, progress_wanted
 from ctr_ad.ingest.quarantine import quarantine_summary, reason_kind, too_many_bad
@@ -196,7 +196,7 @@ def count_data_lines(path: Path, layout: Layout) -> int:
 
 
 # --------------------------------------------------------------------------------------- helpers
-def _ordered_map(fn: Callable, args: Iterable[tuple], pool: ProcessPoolExecutor | None,
+def _ordered_map(fn: Callable, args: Iterable[tuple], pool: Executor | None,
                  window: int) -> Iterator[Any]:
     """``map(fn, args)`` in order, on ``pool`` if given, with at most ``window`` tasks in flight."""
     if pool is None:
@@ -306,6 +306,7 @@ def run_ingest(
         _check_day_order(inputs)
     spec = _source_spec(source, schema)
     resolve_max_vocab(opts.max_vocab, list(spec.categorical))  # a bad cap fails before any work
+    check_engine(opts.engine)  # and so does --engine ray without Ray installed
     layouts = [open_source(p, spec) for p in inputs]
     for lay in layouts:
         if lay.label is None:
@@ -408,13 +409,11 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
     workers = opts.workers
     spill_dir = stage / ".spills"
     spill_dir.mkdir()
-    pool = (ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=worker_init,
-                                initargs=(os.getpid(),))
-            if workers > 1 else None)
-    window = max(2 * workers, 2)
+    pool, window = open_executor(opts.engine, workers)
     try:
         # ---- pass 1: parse, validate, split, count the training rows, spill
-        log.info("reading %d file(s) as %s with %d worker(s)", len(inputs), source, workers)
+        log.info("reading %d file(s) as %s with %s", len(inputs), source,
+                 f"{workers} worker(s)" if opts.engine == "local" else f"Ray ({window // 2} tasks at a time)")
         plan, line_offsets = _split_plan(inputs, layouts, opts)
         if opts.split == "time":
             from ctr_ad.ingest.time_split import time_cuts
@@ -475,7 +474,7 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
 
 def _read_file(fi: int, inputs: list[Path], layouts: list[Layout], line_offsets: list[int], plan: SplitPlan,
                spec: SourceSpec, dense: list[str], opts: IngestOptions, block_bytes: int,
-               pool: ProcessPoolExecutor | None, window: int, spill_dir: Path,
+               pool: Executor | None, window: int, spill_dir: Path,
                checkpoints: FileCheckpoints | None, qf: Any, bar: FileProgress) -> FileResult:
     """Pass 1 over input ``fi``: its blocks in order, checkpointed when ``checkpoints`` is given."""
     path, lay = inputs[fi], layouts[fi]
@@ -602,6 +601,7 @@ def _manifest(stage: Path, inputs: list[Path], source: str, opts: IngestOptions,
         "run": {
             "elapsed_s": round(time.time() - started, 3),
             "workers": workers,
+            "engine": opts.engine,
             "finished_at": utc_timestamp(),
             "versions": {"ctr_ad": __version__, "python": platform.python_version(),
                          "polars": pl.__version__, "pyarrow": pa.__version__},
@@ -610,7 +610,7 @@ def _manifest(stage: Path, inputs: list[Path], source: str, opts: IngestOptions,
     return manifest
 
 
-def _write_splits(stage: Path, spills: Iterable[str], features_path: str, pool: ProcessPoolExecutor | None,
+def _write_splits(stage: Path, spills: Iterable[str], features_path: str, pool: Executor | None,
                   window: int, quiet: bool) -> None:
     writers: dict[str, pq.ParquetWriter] = {}
     schema: pa.Schema | None = None

@@ -10,7 +10,7 @@ the real sizes). Rows keep their file order within each split.
 
 from __future__ import annotations
 
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Executor
 from pathlib import Path
 
 import polars as pl
@@ -33,7 +33,7 @@ def _merge(parts: list[pl.DataFrame]) -> pl.DataFrame:
 
 
 def time_cuts(inputs: list[Path], layouts: list[Layout], opts: IngestOptions, block_bytes: int,
-              pool: ProcessPoolExecutor | None, window: int) -> tuple[float, float]:
+              pool: Executor | None, window: int) -> tuple[float, float]:
     """The (valid_from, test_from) times of a chronological split of the valid rows of ``inputs``."""
     from ctr_ad.ingest.run import _ordered_map
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from ctr_ad.errors import UserError
@@ -13,6 +15,9 @@ from ctr_ad.experiment import (
     role_of,
 )
 from ctr_ad.protocol import select_baseline
+from ctr_ad.strict import load_yaml_mapping
+
+REPO = Path(__file__).resolve().parents[1]
 
 TRAINING = {
     "model": {"components": 2, "embedding_dim": 4, "mlp": [8], "anchor": "none"},
@@ -121,3 +126,22 @@ def test_confirmation_round_retrains_a_stated_recipe_with_fresh_seeds() -> None:
         ("k8-narrow.confirm", "recipe", CONFIRM_SEED_OFFSET),
     ]
     assert arm_training_config(cfg, again[1], 0).train.seed_init == CONFIRM_SEED_OFFSET
+
+
+def test_the_new_arms_join_the_verdict_grid_without_touching_its_baseline() -> None:
+    """docs/experiments.md: copy experiment-arms-smelu-k8.yaml's k8-narrow arm and its sweeps into
+    experiment-verdict.yaml; every new arm is a candidate, plain-indep stays the only plain arm."""
+    configs = REPO / "pipelines" / "configs"
+    verdict = load_yaml_mapping(configs / "experiment-verdict.yaml")
+    extra = load_yaml_mapping(configs / "experiment-arms-smelu-k8.yaml")
+    verdict["arms"] += [a for a in extra["arms"] if a["name"] == "k8-narrow"]
+    verdict["sweeps"] = extra["sweeps"]
+    cfg = load_experiment_config(verdict, base_dir=configs)
+    roles = {
+        a.name: role_of(a, arm_training_config(cfg, a, 0).to_dict() if a.kind == "model" else {})
+        for a in cfg.all_arms()
+    }
+    assert [n for n, r in roles.items() if r == "plain"] == ["plain-indep"]
+    assert {roles[n] for n in ("k8-narrow", "smelu-beta0.1", "smelu-beta1", "smelu-beta10")} == {"recipe"}
+    narrow = arm_training_config(cfg, next(a for a in cfg.all_arms() if a.name == "k8-narrow"), 0)
+    assert (narrow.model.components, narrow.train.batch_size, narrow.model.anchor) == (8, 1024, "none")

@@ -92,7 +92,8 @@ class ArmSpec(StrictModel):
     seed_offset: int = Field(0, ge=0, description="added to every replica's seed (fresh seeds of a confirmation)")
     role: Literal["plain", "recipe"] | None = Field(
         None, description="the arm's role in the protocol (None: inferred from its config by arm_role); 'recipe' "
-        "for a lever the config alone does not show, such as K' narrower components at the baseline's size"
+        "for a lever the config alone does not show, such as K' narrower components at the baseline's size; "
+        "'plain' for a baseline that shares a setting every arm of the study has (a fixed length, no selection)"
     )
 
 

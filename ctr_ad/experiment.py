@@ -12,8 +12,13 @@ An experiment config (YAML, every section ``extra=forbid``)::
       - {name: single, set: {model.components: 1}}
       - {name: plain-shared, set: {anti_distillation.data_order: shared}}
       - {name: logreg, kind: logreg, C: 1.0}
+      - {name: k8-narrow, role: recipe, set: {model.components: 8, model.embedding_dim: 4, model.mlp: [54, 27]}}
+                                 # role: a lever the config does not show (`ctr-ad capacity` sizes it)
     grids:                       # penalties × lambdas × data_orders, named <name>-<penalty>-l<λ>-<order>
       - {name: ad, penalties: [output_decorrelation], lambdas: [0.1, 1.0], data_orders: [independent]}
+    sweeps:                      # any training keys × values, named <name>-<label><value>[-<label><value>…]
+      - {name: smelu, values: {model.smelu_beta: [0.1, 1, 10]}, labels: {model.smelu_beta: beta},
+         set: {model.activation: smelu}}            # → smelu-beta0.1, smelu-beta1, smelu-beta10
     tracking: {experiment: ctr-ad}   # optional: log params, per-arm metrics, verdict, artifacts to MLflow
 
 Replicas of one arm differ only in their seeds; data, config and code are identical. Replica r of every
@@ -36,11 +41,13 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import itertools
 import json
 import logging
 import math
 import os
 import platform
+import re
 import shutil
 import sys
 import time
@@ -72,17 +79,26 @@ PREDICTIONS = "predictions.parquet"
 
 
 # --------------------------------------------------------------------------------------------- config
+ARM_NAME = r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$"
+SweepValue = bool | int | float | str
+
+
 class ArmSpec(StrictModel):
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+    name: str = Field(pattern=ARM_NAME)
     kind: Literal["model", "logreg"] = "model"
     set: dict[str, Any] = Field(default_factory=dict, description="dotted training-config overrides")
     C: float | None = Field(None, gt=0.0, description="logreg: inverse L2 strength (None: chosen on validation)")
     max_iter: int = Field(1000, ge=1, description="logreg: L-BFGS iterations")
     seed_offset: int = Field(0, ge=0, description="added to every replica's seed (fresh seeds of a confirmation)")
+    role: Literal["plain", "recipe"] | None = Field(
+        None, description="the arm's role in the protocol (None: inferred from its config by arm_role); 'recipe' "
+        "for a lever the config alone does not show, such as K' narrower components at the baseline's size; "
+        "'plain' for a baseline that shares a setting every arm of the study has (a fixed length, no selection)"
+    )
 
 
 class GridSpec(StrictModel):
-    name: str = Field("ad", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+    name: str = Field("ad", pattern=ARM_NAME)
     penalties: list[str] = Field(min_length=1)
     lambdas: list[float] = Field(min_length=1)
     data_orders: list[Literal["shared", "independent"]] = Field(default_factory=lambda: ["shared"])
@@ -115,6 +131,52 @@ class GridSpec(StrictModel):
         return arms
 
 
+class SweepSpec(StrictModel):
+    """Arms over the product of training-key values, e.g. ``{model.smelu_beta: [0.1, 1, 10]}``.
+
+    The arm of values (v₁, v₂, …) is named ``<name>-<label₁><v₁>-<label₂><v₂>…``; a key's label is
+    ``labels[key]``, or its last part (``smelu_beta``)."""
+
+    name: str = Field(pattern=ARM_NAME)
+    values: dict[str, list[SweepValue]] = Field(min_length=1, description="dotted training key → values")
+    labels: dict[str, str] = Field(default_factory=dict, description="dotted key → short label in arm names")
+    set: dict[str, Any] = Field(default_factory=dict, description="dotted overrides shared by every arm")
+    role: Literal["plain", "recipe"] | None = Field(None, description="as ArmSpec.role, for every arm")
+
+    @model_validator(mode="after")
+    def _axes(self) -> SweepSpec:
+        empty = sorted(k for k, v in self.values.items() if not v)
+        if empty:
+            raise ValueError(f"values of {empty} must not be empty")
+        stray = sorted(set(self.labels) - set(self.values))
+        if stray:
+            raise ValueError(f"labels {stray} name no key of values")
+        return self
+
+    def label(self, key: str) -> str:
+        return self.labels.get(key, key.rsplit(".", 1)[-1])
+
+    def expand(self) -> list[ArmSpec]:
+        keys = list(self.values)
+        arms = []
+        for combo in itertools.product(*(self.values[k] for k in keys)):
+            parts = [f"{self.label(k)}{_value_text(v)}" for k, v in zip(keys, combo, strict=True)]
+            name = "-".join([self.name, *parts])
+            if not re.match(ARM_NAME, name):
+                raise ValueError(f"sweep {self.name!r}: arm name {name!r} is not a valid name (labels and values "
+                                 "may use letters, digits and _.+-)")
+            arms.append(ArmSpec(name=name, set={**self.set, **dict(zip(keys, combo, strict=True))}, role=self.role))
+        return arms
+
+
+def _value_text(value: SweepValue) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
 class ExperimentConfig(StrictModel):
     training: str | dict[str, Any] = Field(description="training config: YAML path or inline mapping")
     set: dict[str, Any] = Field(default_factory=dict)
@@ -128,6 +190,7 @@ class ExperimentConfig(StrictModel):
     workers: int | None = Field(None, ge=1, description="replicas trained at once, one torch thread each (None = CPUs)")
     arms: list[ArmSpec] = Field(default_factory=list)
     grids: list[GridSpec] = Field(default_factory=list)
+    sweeps: list[SweepSpec] = Field(default_factory=list)
     tracking: TrackingConfig | None = Field(None, description="log the experiment to MLflow (ctr_ad.tracking)")
 
     @field_validator("top_fractions")
@@ -148,7 +211,7 @@ class ExperimentConfig(StrictModel):
         return self
 
     def all_arms(self) -> list[ArmSpec]:
-        return [*self.arms, *(a for g in self.grids for a in g.expand())]
+        return [*self.arms, *(a for g in self.grids for a in g.expand()), *(a for w in self.sweeps for a in w.expand())]
 
 
 def load_experiment_config(source: str | Path | dict[str, Any], base_dir: Path | None = None) -> ExperimentConfig:
@@ -191,8 +254,10 @@ def arm_role(kind: str, config: dict[str, Any]) -> str:
     """linear | single | plain | anti_distillation | recipe.
 
     ``recipe``: an ensemble with a reproducibility lever other than a penalty (weight averaging, a linear
-    anchor, no best-step selection, one embedding table shared by the components). Such arms are
-    candidates, never the plain baseline they are measured against."""
+    anchor, no best-step selection, one embedding table shared by the components, the smooth SmeLU
+    activation). Such arms are candidates, never the plain baseline they are measured against. A lever
+    the config cannot show (K' narrower components sized to the baseline's parameter count) is named
+    by the arm's ``role``."""
     if kind == "logreg":
         return "linear"
     if config["model"]["components"] == 1:
@@ -203,8 +268,16 @@ def arm_role(kind: str, config: dict[str, Any]) -> str:
     train, model = config["train"], config["model"]
     levers = (model.get("anchor", "none") != "none" or model.get("share_embeddings", False)
               or train.get("weight_averaging_epochs", 0) > 0
-              or train.get("best_step_selection", "ensemble") != "ensemble" or ad.get("forward_penalty_batch"))
+              or train.get("best_step_selection", "ensemble") != "ensemble" or ad.get("forward_penalty_batch")
+              or model.get("activation", "relu") == "smelu")
     return "recipe" if levers else "plain"
+
+
+def role_of(arm: ArmSpec, config: dict[str, Any]) -> str:
+    """The arm's role in the protocol: its stated ``role``, else what its resolved config shows."""
+    if arm.kind == "logreg":
+        return "linear"
+    return arm.role or arm_role(arm.kind, config)
 
 
 def _hash(obj: Any) -> str:
@@ -366,7 +439,7 @@ def summarise_arm(exp_dir: Path, cfg: ExperimentConfig, arm: ArmSpec, replicas: 
     acc_keys = ("logloss", "auc", "calibration", "ece")
     comp_keys = ("component_corr", "component_spread")
     summary = M.mean_std(per_replica)
-    role = arm_role(arm.kind, config) if arm.kind == "model" else "linear"
+    role = role_of(arm, config)
     ad = config.get("anti_distillation", {})
     return {
         "kind": arm.kind,

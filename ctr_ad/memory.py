@@ -10,7 +10,6 @@ both), and :func:`check_fits` refuses a run that cannot fit in one line naming t
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,9 +17,9 @@ from pathlib import Path
 
 import torch
 
+from ctr_ad.capacity import embedding_parameters, tower_parameters
 from ctr_ad.config import Config
 from ctr_ad.errors import UserError
-from ctr_ad.model import table_rows
 
 GIB = float(1 << 30)
 FLOAT_BYTES = 4
@@ -74,10 +73,8 @@ def estimate_memory(
     m, t = cfg.model, cfg.train
     k = m.components
     tables = 1 if m.share_embeddings else k
-    rows = sum(table_rows(cardinalities, m.hash_buckets_for(list(fields))))
-    embedding = tables * rows * m.embedding_dim
-    widths = [len(cardinalities) * m.embedding_dim + n_dense, *m.mlp, 1]
-    mlp = k * sum(w_in * w_out + w_out for w_in, w_out in itertools.pairwise(widths))
+    embedding = embedding_parameters(m, cardinalities, fields)
+    mlp = k * tower_parameters(len(cardinalities), n_dense, m.embedding_dim, m.mlp)
     anchor = sum(cardinalities) + n_dense + 1 if m.anchor != "none" else 0
     if sparse:
         per_weight = 1 if t.embedding_optimizer == "adagrad" else 2  # Adagrad: one sum; SparseAdam: 2 moments

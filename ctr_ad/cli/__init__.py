@@ -24,6 +24,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "export": ("ctr_ad.cli.export", "export a bundle to another format (ONNX)"),
     "experiment": ("ctr_ad.cli.experiment", "run replicated arms and measure reproducibility"),
     "report": ("ctr_ad.cli.report", "write report.html / report.md for an experiment"),
+    "compare": ("ctr_ad.cli.compare", "every arm's test pd_rel ratio to the baseline, with its interval"),
+    "capacity": ("ctr_ad.cli.capacity", "count a model's parameters; size K' components to the same budget"),
     "pipeline": ("ctr_ad.cli.pipeline", "run a batch pipeline (ingest → experiment → report)"),
     "serve": ("service.command", "serve a bundle over REST"),
 }

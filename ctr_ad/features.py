@@ -129,7 +129,7 @@ class FeatureProcessor:
         self._stale = False
         self._lookup: dict[str, dict[str | None, int]] = {}
         self._lookup_moments: tuple[np.ndarray, np.ndarray] | None = None
-        self._lookup_enums: dict[str, pl.Enum] = {}
+        self._lookup_frames: dict[str, pl.LazyFrame] = {}
 
     def __repr__(self) -> str:
         return f"FeatureProcessor(source={self.source!r}, categorical={len(self.categorical)}, dense={len(self.dense)})"
@@ -204,7 +204,7 @@ class FeatureProcessor:
             self._dense_stats = self._stats.result()
             self._lookup.clear()
             self._lookup_moments = None
-            self._lookup_enums.clear()
+            self._lookup_frames.clear()
             self._stale = False
 
     @property
@@ -292,21 +292,34 @@ class FeatureProcessor:
             out[:, n_dense:] = is_missing
         return cat, out
 
-    def _index_large(self, f: str, values: pl.Series) -> pl.Series:
-        # An Enum over the vocabulary maps a value to its position in one vectorized cast; values
-        # outside it become null (out-of-vocabulary), nulls stay null (missing).
+    def _code_frame(self, f: str) -> pl.LazyFrame:
+        """``(f, _code_f)``: each vocabulary value of ``f`` and its index (cached until refit)."""
         self._refresh()
-        enum = self._lookup_enums.get(f)
-        if enum is None:
-            enum = pl.Enum(self.vocab[f])
-            self._lookup_enums[f] = enum
-        codes = values.cast(pl.Utf8).cast(enum, strict=False).to_physical().cast(pl.Int32)
-        return pl.select(
-            pl.when(values.is_null()).then(pl.lit(MISSING_INDEX, dtype=pl.Int32))
-            .when(codes.is_null()).then(pl.lit(OOV_INDEX, dtype=pl.Int32))
-            .otherwise(codes + RESERVED)
+        frame = self._lookup_frames.get(f)
+        if frame is None:
+            vocab = self.vocab[f]
+            frame = pl.DataFrame({
+                f: pl.Series(vocab, dtype=pl.Utf8),
+                f"_code_{f}": pl.int_range(RESERVED, len(vocab) + RESERVED, dtype=pl.Int32, eager=True),
+            }).lazy()
+            self._lookup_frames[f] = frame
+        return frame
+
+    def _with_codes(self, raw: pl.LazyFrame) -> tuple[pl.LazyFrame, list[pl.Expr]]:
+        """``raw`` joined with every field's vocabulary, and the Int32 index column of each field.
+
+        One left join per field (a hash join: far cheaper than casting to an Enum of the
+        vocabulary, which rebuilds its lookup on every call); row order is the left's. Unmatched
+        values are out-of-vocabulary; nulls, which never match, are missing."""
+        for f in self.categorical:
+            raw = raw.join(self._code_frame(f), on=f, how="left", maintain_order="left")
+        codes = [
+            pl.when(pl.col(f).is_null()).then(pl.lit(MISSING_INDEX, dtype=pl.Int32))
+            .otherwise(pl.col(f"_code_{f}").fill_null(OOV_INDEX))
             .alias(f)
-        ).to_series()
+            for f in self.categorical
+        ]
+        return raw, codes
 
     def transform(self, raw: pl.DataFrame) -> pl.DataFrame:
         """Raw validated frame (see ``ctr_ad.ingest.reader``) -> model-ready columns.
@@ -316,25 +329,23 @@ class FeatureProcessor:
         """
         if raw.height <= SMALL_BATCH_ROWS:
             return self._transform_small(raw)
-        cols: list[pl.Series] = []
-        if "label" in raw.columns:
-            cols.append(raw.get_column("label").cast(pl.Float32))
-        for f in self.categorical:
-            values = raw.get_column(f) if f in raw.columns else pl.Series(f, [None] * raw.height, pl.Utf8)
-            cols.append(self._index_large(f, values))
-        out = pl.DataFrame(cols) if cols else pl.DataFrame()
-        dense_exprs: list[pl.Expr] = []
-        missing_exprs: list[pl.Expr] = []
+        # Absent fields are missing values; categorical values are matched as text.
+        frame = raw.lazy().with_columns(
+            *(pl.col(f).cast(pl.Utf8) if f in raw.columns else pl.lit(None, dtype=pl.Utf8).alias(f)
+              for f in self.categorical),
+            *(pl.col(f).cast(pl.Float64) if f in raw.columns else pl.lit(None, dtype=pl.Float64).alias(f)
+              for f in self.dense),
+        )
+        frame, codes = self._with_codes(frame)
+        outputs = [pl.col("label").cast(pl.Float32)] if "label" in raw.columns else []
+        outputs += codes
+        missing: list[pl.Expr] = []
         for f in self.dense:
             st = self.dense_stats[f]
-            col = pl.col(f).cast(pl.Float64) if f in raw.columns else pl.lit(None, dtype=pl.Float64)
-            z = (_dense_base(col, self.dense_transform) - st["mean"]) / st["std"]
-            dense_exprs.append(z.fill_null(0.0).cast(pl.Float32).alias(f))
-            missing_exprs.append(col.is_null().cast(pl.Float32).alias(f + MISSING_SUFFIX))
-        if dense_exprs:
-            dense = raw.select(dense_exprs + missing_exprs) if raw.width else pl.DataFrame()
-            out = pl.concat([out, dense], how="horizontal") if out.width else dense
-        return out
+            z = (_dense_base(pl.col(f), self.dense_transform) - st["mean"]) / st["std"]
+            outputs.append(z.fill_null(0.0).cast(pl.Float32).alias(f))
+            missing.append(pl.col(f).is_null().cast(pl.Float32).alias(f + MISSING_SUFFIX))
+        return frame.select(*outputs, *missing).collect()
 
     def _raw_columns(self, raw: pl.DataFrame) -> tuple[list, list]:
         """Dense columns as float64 arrays (NaN = missing) and categorical ones as lists (None =

@@ -38,6 +38,9 @@ TARGET_FLOOR_RATIO = 2.0  # ours wall time <= 2 x the polars scan -> sink floor'
 TARGET_MEMORY_RATIO = 1 / 3  # ours peak RSS <= 1/3 of baseline peak RSS
 TARGET_FLATNESS = 1.3  # RSS(large) <= 1.3 x RSS(small): memory must not grow with the input
 
+#: Prefixes of the names of the bounded-memory targets (ingest_memory.measure).
+MEMORY_TARGETS = ("memory_ratio_", "memory_absolute_", "temporary_disk_")
+
 CRITEO_LABEL = "label"
 CRITEO_DENSE = [f"I{i}" for i in range(1, 14)]
 CRITEO_CATEGORICAL = [f"C{i}" for i in range(1, 27)]
@@ -282,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     work.mkdir(parents=True, exist_ok=True)
     # First, while this driver is still small (no polars, no generated data): a child's ru_maxrss
     # starts at its parent's, so the children measured here must be spawned from a lean process.
-    memory = stored_memory(args) if args.skip_memory else bounded_memory(args, work)
+    # --skip-memory quotes the stored section, read when the results are written (below), so a
+    # --memory-only run going on beside this one is not overwritten by an older copy.
+    memory = None if args.skip_memory else bounded_memory(args, work)
     if args.memory_only:
         return 0
     small, large = args.rows_flat
@@ -382,7 +387,7 @@ def main(argv: list[str] | None = None) -> int:
                    f"peak_rss_ours_w{args.workers_alt}_over_baseline":
                        round(ours_alt.median_rss() / base_main.median_rss(), 3),
                    **({f"peak_rss_ours_{large}_over_{small}": round(flatness, 3)} if flat_pair else {})},
-        "targets": [*targets, *memory["targets"]],
+        "targets": targets,
         "bounded_memory": memory,
         "checks": {"train_split_equivalent_to_baseline": equivalence,
                    "baseline_summary": baseline_summary,
@@ -390,6 +395,10 @@ def main(argv: list[str] | None = None) -> int:
                    "ours_fingerprint_identical_across_runs_and_workers":
                        {rows: len(fps) == 1 for rows, fps in fingerprints.items()}},
     }
+    if memory is None:
+        memory = stored_memory(args)
+    result["targets"] += memory["targets"]
+    result["bounded_memory"] = memory
     code_after = source_fingerprint()
     if code_after != code_before:  # someone edited the pipeline mid-run: the numbers mix two versions
         print("[bench] WARNING: ctr_ad ingest sources changed during the run", file=sys.stderr)
@@ -397,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     result["settings"]["ours_source_changed_during_run"] = code_after != code_before
     write_json(args.results, result)
 
-    rows = [[c.name, c.rows, c.workers if c.kind == "ours" else "-", c.wall_spread()["min"], c.median_wall(),
+    rows = [[c.name, c.rows, c.workers if c.kind == "ours" else "-", c.wall_spread()["min"], c.wall_spread()["median"],
              c.wall_spread()["max"], c.rows_per_s(), c.median_rss() / MIB] for c in configs]
     print(format_table(["config", "rows", "workers", "wall s min", "median", "max", "rows/s", "peak RSS MiB"],
                        rows))
@@ -434,7 +443,7 @@ def stored_memory(args: argparse.Namespace) -> dict[str, Any]:
     section = json.loads(args.results.read_text(encoding="utf-8")).get("bounded_memory")
     if not section:
         raise SystemExit(f"--skip-memory: {args.results} has no bounded_memory section; run --memory-only first")
-    return {**section, "stored": True}
+    return {**{k: v for k, v in section.items() if k != "stored"}, "stored": True}
 
 
 def bounded_memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
@@ -459,6 +468,10 @@ def bounded_memory(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         previous.setdefault("benchmark", "ingest")
         previous["bounded_memory"] = {"machine": machine_info(["polars", "pyarrow", "numpy", "psutil"]),
                                       **section}
+        if "targets" in previous:  # the top-level list quotes the memory targets too: refresh them
+            previous["targets"] = [*(t for t in previous["targets"] if not t["name"].startswith(MEMORY_TARGETS)),
+                                   *section["targets"]]
+            print(headline(previous))
         write_json(args.results, previous)
         print(f"results: {args.results} (bounded_memory)")
     return section

@@ -101,7 +101,8 @@ def measure(work: Path, rows: tuple[int, int], seed: int, max_vocab: int, repeat
     ``max_vocab`` values per field; repeats interleaved; the section of results/ingest.json."""
     small, large = rows
     inputs = {n: synth_file(work, n, seed, timeout_s) for n in (small, large)}
-    variants = {"uncapped": None, f"max_vocab_{max_vocab}": max_vocab}
+    # The capped variant first: it is the one the 20M target is about, and uncapped runs take longer.
+    variants = {f"max_vocab_{max_vocab}": max_vocab, "uncapped": None}
     runs: dict[str, dict[int, list[ChildRun]]] = {v: {small: [], large: []} for v in variants}
     for rep in range(repeats):
         for variant, cap in variants.items():

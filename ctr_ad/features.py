@@ -41,6 +41,9 @@ RESERVED = 2
 MISSING_SUFFIX = "__missing"
 # Below this many rows a Python dict lookup beats building a polars hash table of the vocabulary.
 SMALL_BATCH_ROWS = 4096
+#: From this many values a vocabulary is binary-searched (sorted once) instead of hash-joined (hashed
+#: again for every block): at 1M values the search is 3x faster, at 80k the join is 2x faster.
+SEARCH_LOOKUP_FROM = 200_000
 
 
 class DenseStats:
@@ -129,7 +132,7 @@ class FeatureProcessor:
         self._stale = False
         self._lookup: dict[str, dict[str | None, int]] = {}
         self._lookup_moments: tuple[np.ndarray, np.ndarray] | None = None
-        self._lookup_frames: dict[str, pl.LazyFrame] = {}
+        self._lookup_frames: dict[str, pl.DataFrame] = {}
 
     def __repr__(self) -> str:
         return f"FeatureProcessor(source={self.source!r}, categorical={len(self.categorical)}, dense={len(self.dense)})"
@@ -292,34 +295,43 @@ class FeatureProcessor:
             out[:, n_dense:] = is_missing
         return cat, out
 
-    def _code_frame(self, f: str) -> pl.LazyFrame:
-        """``(f, _code_f)``: each vocabulary value of ``f`` and its index (cached until refit)."""
+    def _code_frame(self, f: str) -> pl.DataFrame:
+        """``(f, _code)``: each vocabulary value of ``f`` and its index; sorted by value when the
+        vocabulary is large enough to be searched rather than joined (cached until refit)."""
         self._refresh()
         frame = self._lookup_frames.get(f)
         if frame is None:
             vocab = self.vocab[f]
             frame = pl.DataFrame({
                 f: pl.Series(vocab, dtype=pl.Utf8),
-                f"_code_{f}": pl.int_range(RESERVED, len(vocab) + RESERVED, dtype=pl.Int32, eager=True),
-            }).lazy()
+                "_code": pl.int_range(RESERVED, len(vocab) + RESERVED, dtype=pl.Int32, eager=True),
+            })
+            if len(vocab) >= SEARCH_LOOKUP_FROM:
+                frame = frame.sort(f)
             self._lookup_frames[f] = frame
         return frame
 
-    def _with_codes(self, raw: pl.LazyFrame) -> tuple[pl.LazyFrame, list[pl.Expr]]:
-        """``raw`` joined with every field's vocabulary, and the Int32 index column of each field.
+    def _codes(self, f: str, values: pl.Series) -> pl.Series:
+        """Int32 indices of ``values`` (Utf8, null = missing) in the vocabulary of ``f``.
 
-        One left join per field (a hash join: far cheaper than casting to an Enum of the
-        vocabulary, which rebuilds its lookup on every call); row order is the left's. Unmatched
-        values are out-of-vocabulary; nulls, which never match, are missing."""
-        for f in self.categorical:
-            raw = raw.join(self._code_frame(f), on=f, how="left", maintain_order="left")
-        codes = [
-            pl.when(pl.col(f).is_null()).then(pl.lit(MISSING_INDEX, dtype=pl.Int32))
-            .otherwise(pl.col(f"_code_{f}").fill_null(OOV_INDEX))
+        A left join of the one column against the vocabulary: a hash join, far cheaper than casting
+        to an Enum of the vocabulary (which rebuilds its lookup on every call) or than joining the
+        whole frame (which copies every column once per field); row order is the left's. A join
+        hashes the whole vocabulary per block, so a vocabulary of millions is binary-searched in
+        its sorted copy instead. Unmatched values are out-of-vocabulary; nulls are missing."""
+        table = self._code_frame(f)
+        if table.height >= SEARCH_LOOKUP_FROM:
+            sorted_values = table.get_column(f)
+            at = sorted_values.search_sorted(values).clip(0, table.height - 1)
+            found = (sorted_values.gather(at) == values).fill_null(False)
+            code = table.get_column("_code").gather(at).zip_with(found, pl.Series([None], dtype=pl.Int32))
+        else:
+            code = values.alias(f).to_frame().join(table, on=f, how="left", maintain_order="left").get_column("_code")
+        return pl.select(
+            pl.when(values.is_null()).then(pl.lit(MISSING_INDEX, dtype=pl.Int32))
+            .otherwise(code.fill_null(OOV_INDEX))
             .alias(f)
-            for f in self.categorical
-        ]
-        return raw, codes
+        ).to_series()
 
     def transform(self, raw: pl.DataFrame) -> pl.DataFrame:
         """Raw validated frame (see ``ctr_ad.ingest.reader``) -> model-ready columns.
@@ -329,23 +341,25 @@ class FeatureProcessor:
         """
         if raw.height <= SMALL_BATCH_ROWS:
             return self._transform_small(raw)
-        # Absent fields are missing values; categorical values are matched as text.
-        frame = raw.lazy().with_columns(
-            *(pl.col(f).cast(pl.Utf8) if f in raw.columns else pl.lit(None, dtype=pl.Utf8).alias(f)
-              for f in self.categorical),
-            *(pl.col(f).cast(pl.Float64) if f in raw.columns else pl.lit(None, dtype=pl.Float64).alias(f)
-              for f in self.dense),
-        )
-        frame, codes = self._with_codes(frame)
-        outputs = [pl.col("label").cast(pl.Float32)] if "label" in raw.columns else []
-        outputs += codes
-        missing: list[pl.Expr] = []
+        cols: list[pl.Series] = []
+        if "label" in raw.columns:
+            cols.append(raw.get_column("label").cast(pl.Float32))
+        for f in self.categorical:
+            values = raw.get_column(f).cast(pl.Utf8) if f in raw.columns else pl.Series(f, [None] * raw.height, pl.Utf8)
+            cols.append(self._codes(f, values))
+        out = pl.DataFrame(cols) if cols else pl.DataFrame()
+        dense_exprs: list[pl.Expr] = []
+        missing_exprs: list[pl.Expr] = []
         for f in self.dense:
             st = self.dense_stats[f]
-            z = (_dense_base(pl.col(f), self.dense_transform) - st["mean"]) / st["std"]
-            outputs.append(z.fill_null(0.0).cast(pl.Float32).alias(f))
-            missing.append(pl.col(f).is_null().cast(pl.Float32).alias(f + MISSING_SUFFIX))
-        return frame.select(*outputs, *missing).collect()
+            col = pl.col(f).cast(pl.Float64) if f in raw.columns else pl.lit(None, dtype=pl.Float64)
+            z = (_dense_base(col, self.dense_transform) - st["mean"]) / st["std"]
+            dense_exprs.append(z.fill_null(0.0).cast(pl.Float32).alias(f))
+            missing_exprs.append(col.is_null().cast(pl.Float32).alias(f + MISSING_SUFFIX))
+        if dense_exprs:
+            dense = raw.select(dense_exprs + missing_exprs) if raw.width else pl.DataFrame()
+            out = pl.concat([out, dense], how="horizontal") if out.width else dense
+        return out
 
     def _raw_columns(self, raw: pl.DataFrame) -> tuple[list, list]:
         """Dense columns as float64 arrays (NaN = missing) and categorical ones as lists (None =

@@ -234,6 +234,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "(default 1,000,000 20,000,000; 20,000 100,000 with --quick)")
     p.add_argument("--memory-max-vocab", type=int, default=100_000,
                    help="bounded memory: the --max-vocab of the capped variant (the other is uncapped)")
+    p.add_argument("--markdown", action="store_true",
+                   help="print the README tables of the results file and exit (nothing is run)")
     p.add_argument("--memory-capped-only", action="store_true",
                    help="bounded memory: measure only the capped variant (the uncapped one at 20M rows "
                         "holds millions of kept values and takes far longer)")
@@ -280,6 +282,9 @@ def main(argv: list[str] | None = None) -> int:
 
     sys.path.insert(0, str(BENCH_DIR))  # `common` sits beside this script
     sys.path.insert(0, str(ROOT))  # ctr_ad for data generation when not installed
+    if args.markdown:
+        print(markdown_tables(json.loads(args.results.read_text(encoding="utf-8"))))
+        return 0
     from common import MIB, format_table, machine_info, run_measured, utc_timestamp, write_json
 
     started = utc_timestamp()
@@ -419,6 +424,43 @@ def main(argv: list[str] | None = None) -> int:
           f"train split equivalent to baseline: {equivalence and equivalence['equivalent']}")
     print(f"results: {args.results}")
     return 1 if args.check and not all(t["met"] for t in result["targets"]) else 0
+
+
+def _load_span(runs: list[dict[str, Any]]) -> str:
+    loads = [x for r in runs for x in r.get("load_average_1m", [])]
+    return f"{min(loads):.1f}–{max(loads):.1f}" if loads else "—"
+
+
+def markdown_tables(result: dict[str, Any]) -> str:
+    """benchmarks/README.md's ingest tables of a result: every configuration (wall min / median /
+    max), every target with ``met``, and the bounded-memory runs. tests/test_bench_docs.py checks the
+    README holds exactly these, so the document and ``results/ingest.json`` cannot drift apart."""
+    lines = ["| config | rows | workers | wall s min / median / max | rows/s | peak RSS MiB | load (1 min) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, c in result["configs"].items():
+        w = c["wall_s"]
+        lines.append(f"| {name} | {c['rows']:,} | {c['workers'] if c['kind'] == 'ours' else '—'} "
+                     f"| {w['min']:.1f} / {w['median']:.1f} / {w['max']:.1f} | {c['rows_per_s']:,.0f} "
+                     f"| {c['median_peak_rss_mib']:,.0f} | {_load_span(c['runs'])} |")
+    lines += ["", "| target | value | requirement | met |", "|---|---:|---|---|"]
+    for t in result["targets"]:
+        value = t.get("value", t.get("value_mib"))
+        target = t.get("target", t.get("target_mib"))
+        unit = " MiB" if "value_mib" in t else ""
+        sense = "≥" if t["name"] == "throughput" else "≤"
+        lines.append(f"| {t['name']} | {value:g}{unit} | {sense} {target:g}{unit} | {str(t['met']).lower()} |")
+    memory = result["bounded_memory"]
+    lines += ["", "| variant | rows | input MiB | peak RSS MiB | peak spills MiB | spills / input | wall s "
+                  "| load (1 min) |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for variant, v in memory["variants"].items():
+        for n, size in v["sizes"].items():
+            input_mib = memory["input_bytes"][n] / 1024**2
+            loads = [x for pair in size["load_average_1m"] for x in pair]
+            lines.append(f"| {variant} | {int(n):,} | {input_mib:,.0f} | {size['peak_rss_mib']['median']:,.0f} "
+                         f"| {size['peak_spill_mib']:,.0f} | {size['peak_spill_mib'] / input_mib:.2f} "
+                         f"| {', '.join(f'{x:.0f}' for x in size['wall_s'])} "
+                         f"| {min(loads):.1f}–{max(loads):.1f} |")
+    return "\n".join(lines)
 
 
 def headline(result: dict[str, Any]) -> str:

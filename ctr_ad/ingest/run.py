@@ -18,8 +18,8 @@ Publishing is all or nothing: everything is written to a hidden staging director
 (``.<name>.ingest-tmp-<pid>``, spills included), ``manifest.json`` last, and the staging directory then
 replaces ``out`` as a whole. A failed or killed run leaves an existing ``out`` untouched; its staging
 directory is removed on exit, after ``kill -9`` by a janitor process, and by the next run on start.
-Disk needed: the spills take about 2.5x the uncompressed input, plus the new outputs, while the old
-dataset stays in place until the swap.
+Disk needed: the spills (LZ4-compressed Arrow) take about 0.6-0.7x the uncompressed input, plus the
+new outputs, while the old dataset stays in place until the swap.
 """
 
 from __future__ import annotations
@@ -155,8 +155,8 @@ def _parse_count_spill(task: BlockTask, plan: SplitPlan, categorical: list[str],
     frame = frame.with_columns(_split=pl.Series(codes, dtype=pl.Int8))
     train = frame.filter(pl.col("_split") == 0) if (codes != 0).any() else frame
     statistics = FeatureProcessor.fit_statistics(train, categorical, dense, transform)
-    # Arrow IPC with LZ4: a quarter of the uncompressed size (temporary disk ~0.6x the input, not
-    # 2.3x) for a small share of the block's time; zstd would halve it again at twice the cost.
+    # Arrow IPC with LZ4: about a quarter of the uncompressed size (temporary disk 0.6-0.7x the
+    # input, not 2.3x) for a small share of the block's time; zstd would halve it at twice the cost.
     frame.write_ipc(task.spill, compression=SPILL_COMPRESSION)
     per_split = np.bincount(codes, minlength=len(SPLITS)).tolist()
     return frame.height, per_split, parsed.lines_read, parsed.quarantine, statistics

@@ -41,6 +41,9 @@ RESERVED = 2
 MISSING_SUFFIX = "__missing"
 # Below this many rows a Python dict lookup beats building a polars hash table of the vocabulary.
 SMALL_BATCH_ROWS = 4096
+#: From this many values a vocabulary is binary-searched (sorted once) instead of hash-joined (hashed
+#: again for every block): at 1M values the search is 3x faster, at 80k the join is 2x faster.
+SEARCH_LOOKUP_FROM = 200_000
 
 
 class DenseStats:
@@ -130,7 +133,7 @@ class FeatureProcessor:
         self._lookup: dict[str, dict[str | None, int]] = {}
         self._lookup_moments: tuple[np.ndarray, np.ndarray] | None = None
         self._lookup_getters: list[Any] | None = None
-        self._lookup_enums: dict[str, pl.Enum] = {}
+        self._lookup_frames: dict[str, pl.DataFrame] = {}
 
     def __repr__(self) -> str:
         return f"FeatureProcessor(source={self.source!r}, categorical={len(self.categorical)}, dense={len(self.dense)})"
@@ -206,7 +209,7 @@ class FeatureProcessor:
             self._lookup.clear()
             self._lookup_moments = None
             self._lookup_getters = None
-            self._lookup_enums.clear()
+            self._lookup_frames.clear()
             self._stale = False
 
     @property
@@ -302,19 +305,41 @@ class FeatureProcessor:
             out[:, n_dense:] = is_missing
         return cat, out
 
-    def _index_large(self, f: str, values: pl.Series) -> pl.Series:
-        # An Enum over the vocabulary maps a value to its position in one vectorized cast; values
-        # outside it become null (out-of-vocabulary), nulls stay null (missing).
+    def _code_frame(self, f: str) -> pl.DataFrame:
+        """``(f, _code)``: each vocabulary value of ``f`` and its index; sorted by value when the
+        vocabulary is large enough to be searched rather than joined (cached until refit)."""
         self._refresh()
-        enum = self._lookup_enums.get(f)
-        if enum is None:
-            enum = pl.Enum(self.vocab[f])
-            self._lookup_enums[f] = enum
-        codes = values.cast(pl.Utf8).cast(enum, strict=False).to_physical().cast(pl.Int32)
+        frame = self._lookup_frames.get(f)
+        if frame is None:
+            vocab = self.vocab[f]
+            frame = pl.DataFrame({
+                f: pl.Series(vocab, dtype=pl.Utf8),
+                "_code": pl.int_range(RESERVED, len(vocab) + RESERVED, dtype=pl.Int32, eager=True),
+            })
+            if len(vocab) >= SEARCH_LOOKUP_FROM:
+                frame = frame.sort(f)
+            self._lookup_frames[f] = frame
+        return frame
+
+    def _codes(self, f: str, values: pl.Series) -> pl.Series:
+        """Int32 indices of ``values`` (Utf8, null = missing) in the vocabulary of ``f``.
+
+        A left join of the one column against the vocabulary: a hash join, far cheaper than casting
+        to an Enum of the vocabulary (which rebuilds its lookup on every call) or than joining the
+        whole frame (which copies every column once per field); row order is the left's. A join
+        hashes the whole vocabulary per block, so a vocabulary of millions is binary-searched in
+        its sorted copy instead. Unmatched values are out-of-vocabulary; nulls are missing."""
+        table = self._code_frame(f)
+        if table.height >= SEARCH_LOOKUP_FROM:
+            sorted_values = table.get_column(f)
+            at = sorted_values.search_sorted(values).clip(0, table.height - 1)
+            found = (sorted_values.gather(at) == values).fill_null(False)
+            code = table.get_column("_code").gather(at).zip_with(found, pl.Series([None], dtype=pl.Int32))
+        else:
+            code = values.alias(f).to_frame().join(table, on=f, how="left", maintain_order="left").get_column("_code")
         return pl.select(
             pl.when(values.is_null()).then(pl.lit(MISSING_INDEX, dtype=pl.Int32))
-            .when(codes.is_null()).then(pl.lit(OOV_INDEX, dtype=pl.Int32))
-            .otherwise(codes + RESERVED)
+            .otherwise(code.fill_null(OOV_INDEX))
             .alias(f)
         ).to_series()
 
@@ -330,8 +355,8 @@ class FeatureProcessor:
         if "label" in raw.columns:
             cols.append(raw.get_column("label").cast(pl.Float32))
         for f in self.categorical:
-            values = raw.get_column(f) if f in raw.columns else pl.Series(f, [None] * raw.height, pl.Utf8)
-            cols.append(self._index_large(f, values))
+            values = raw.get_column(f).cast(pl.Utf8) if f in raw.columns else pl.Series(f, [None] * raw.height, pl.Utf8)
+            cols.append(self._codes(f, values))
         out = pl.DataFrame(cols) if cols else pl.DataFrame()
         dense_exprs: list[pl.Expr] = []
         missing_exprs: list[pl.Expr] = []

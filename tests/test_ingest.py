@@ -13,6 +13,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+from ctr_ad import features
 from ctr_ad.errors import UserError
 from ctr_ad.features import SMALL_BATCH_ROWS, FeatureProcessor
 from ctr_ad.ingest.reader import read_raw
@@ -193,15 +194,21 @@ def test_two_worker_streamed_run_equals_in_memory(tmp_path):
     assert stream.vocab["C10"] == counts.sort(["n", "C10"], descending=[True, False])["C10"].to_list()
 
 
-def test_small_and_large_transform_paths_agree(tmp_path):
+def test_small_and_large_transform_paths_agree(tmp_path, monkeypatch):
     ingest([CRITEO / "train.tsv"], tmp_path)
     fp = FeatureProcessor.load(tmp_path / "features.json")
     raw, _ = read_raw([CRITEO / "dev.tsv", CRITEO / "test.tsv"], "criteo")
     assert raw.height < SMALL_BATCH_ROWS
     small = fp.transform(raw)
-    big = fp.transform(pl.concat([raw] * (SMALL_BATCH_ROWS // raw.height + 1))).head(raw.height)
+    big_raw = pl.concat([raw] * (SMALL_BATCH_ROWS // raw.height + 1))
+    big = fp.transform(big_raw).head(raw.height)
     assert small.equals(big)
     assert (small["C3"] == 1).sum() > 0  # unseen values map to out-of-vocabulary
+    assert (small["C3"] == 0).sum() > 0  # and missing ones to 0
+    # Large vocabularies are binary-searched instead of hash-joined: same indices.
+    monkeypatch.setattr(features, "SEARCH_LOOKUP_FROM", 1)
+    searched = FeatureProcessor.load(tmp_path / "features.json").transform(big_raw).head(raw.height)
+    assert searched.equals(small)
 
 
 @pytest.mark.parametrize(

@@ -324,7 +324,7 @@ def tmpfs(path: Path, *options: str):
 
 
 def test_disk_full_is_one_line_and_leaves_nothing(tmp_path):
-    with tmpfs(tmp_path / "small", "size=2m") as mnt:
+    with tmpfs(tmp_path / "small", "size=256k") as mnt:
         r = cli("ingest", "--source", "criteo", "--input", str(TRAIN), "--out", str(mnt / "data"))
         one_line_error(r, 1, "o space left on device")
         assert list(mnt.iterdir()) == []

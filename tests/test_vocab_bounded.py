@@ -113,8 +113,10 @@ def test_spill_files_are_removed(criteo_train, tmp_path):
 @pytest.mark.parametrize(("inputs", "source", "block_bytes", "kw"), [
     (CRITEO_FILES, "criteo", SMALL_BLOCKS, {"split": "files"}),
     ([OBD], "obd", 1 << 20, {"split": "random", "seed": 3}),  # 5 MB: 5 blocks
-], ids=["criteo-8k", "open-bandit"])
-def test_spilled_ingest_is_byte_identical_to_in_memory(inputs, source, block_bytes, kw, tmp_path, monkeypatch):
+    (CRITEO_FILES, "criteo", SMALL_BLOCKS, {"split": "files", "max_vocab": {"C3": 25, "C12": 7, "C20": 3}}),
+], ids=["criteo-8k", "open-bandit", "criteo-8k-capped"])
+def test_spilled_ingest_is_byte_identical_to_in_memory(inputs, source, block_bytes, kw, tmp_path, monkeypatch,
+                                                        criteo_train):
     a = run_ingest(inputs, source, tmp_path / "mem", quiet=True, block_bytes=block_bytes, **kw)
     spy = SpillSpy(monkeypatch)
     b = run_ingest(inputs, source, tmp_path / "spill", quiet=True, block_bytes=block_bytes,
@@ -124,7 +126,14 @@ def test_spilled_ingest_is_byte_identical_to_in_memory(inputs, source, block_byt
         assert (tmp_path / "mem" / name).read_bytes() == (tmp_path / "spill" / name).read_bytes(), name
     assert a["fingerprint"] == b["fingerprint"]
     assert a["options"] == b["options"] and "count_memory_mib" not in a["options"]
-    assert "max_vocab" not in (tmp_path / "mem" / "features.json").read_text()  # uncapped: no new key
+    caps = kw.get("max_vocab")
+    if caps is None:
+        assert "max_vocab" not in (tmp_path / "mem" / "features.json").read_text()  # uncapped: no new key
+    else:  # the partitioned, capped counts keep the expected top N of the training file
+        vocab = FeatureProcessor.load(tmp_path / "spill" / "features.json").vocab
+        for f in CRITEO_CATEGORICAL:
+            assert vocab[f] == expected_vocab(criteo_train[f].to_list(), 2, caps.get(f)), f
+        assert [len(vocab[f]) for f in caps] == [25, 7, 3]
     # Spills (blocks and counts) and staging are gone: the dataset directory holds only its files.
     assert sorted(p.name for p in (tmp_path / "spill").iterdir()) == sorted([*OUTPUTS, "manifest.json"])
     assert sorted(p.name for p in tmp_path.iterdir()) == ["mem", "spill"]

@@ -35,9 +35,12 @@ from service.settings import ServiceSettings
 from service.state import ServiceState
 
 log = logging.getLogger(__name__)
-# The event loop and the inference thread take turns holding the GIL; by default a thread waiting
-# for it may wait 5 ms, which lands straight in the latency tail. Set by the server process only.
-SWITCH_INTERVAL_S = 0.0005
+# The event loop and the inference thread take turns holding the GIL; a thread that wants it makes
+# the holder drop it after this long. 0.5 ms suited a 0.6 ms torch forward; with small batches
+# scored in numpy (~0.1 ms) forced switches cost more than they save: 5 ms (CPython's default) gave
+# 7 % less CPU per request and a p99 of 4.2-4.9 ms against 5.3-5.6 ms (1 instance, c = 8, 2 workers,
+# same run; benchmarks/README.md). Set by the server process only.
+SWITCH_INTERVAL_S = 0.005
 # Young-generation GC threshold of the server process (CPython's default is 700 allocations).
 GC_GEN0_THRESHOLD = 50_000
 

@@ -20,6 +20,7 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -97,8 +98,12 @@ class _BackgroundThread:
 class InferenceEngine(_BackgroundThread):
     thread_name = "ctr-ad-inference"
 
-    def __init__(self, mode: str = "thread", max_batch_instances: int = 2048) -> None:
+    def __init__(self, mode: str = "thread", max_batch_instances: int = 2048,
+                 on_scored: Callable[[np.ndarray], None] | None = None) -> None:
+        """``on_scored(component_std)`` sees every scored batch (the monitor's spread): once per
+        micro-batch rather than once per request, so concurrent requests share its numpy calls too."""
         super().__init__()
+        self.on_scored = on_scored
         if mode not in ("thread", "inline"):
             raise ValueError(f"inference mode {mode!r}: choose 'thread' or 'inline'")
         self.mode = mode
@@ -115,7 +120,10 @@ class InferenceEngine(_BackgroundThread):
         if self.mode == "inline" or self._thread is None:
             self.batches += 1
             self.batched_jobs += 1
-            return slot.score_arrays(cat, dense)
+            scores = slot.score_arrays(cat, dense)
+            if self.on_scored is not None:
+                self.on_scored(scores.component_std)
+            return scores
         loop = asyncio.get_running_loop()
         job = _Job(slot, cat, dense, loop.create_future(), loop)
         with self._cv:
@@ -142,11 +150,15 @@ class InferenceEngine(_BackgroundThread):
         while (jobs := self._take()) is not None:
             try:
                 if len(jobs) == 1:
-                    results = [jobs[0].slot.score_arrays(jobs[0].cat, jobs[0].dense)]
+                    scores = jobs[0].slot.score_arrays(jobs[0].cat, jobs[0].dense)
+                    results = [scores]
                 else:
                     cat = np.concatenate([j.cat for j in jobs])
                     dense = np.concatenate([j.dense for j in jobs])
-                    results = _split(jobs[0].slot.score_arrays(cat, dense), [j.rows for j in jobs])
+                    scores = jobs[0].slot.score_arrays(cat, dense)
+                    results = _split(scores, [j.rows for j in jobs])
+                if self.on_scored is not None:
+                    self.on_scored(scores.component_std)
                 outcome: list[Scores] | BaseException = results
             except Exception as exc:  # surfaced to each handler, which answers 500 and logs it
                 outcome = exc

@@ -130,6 +130,9 @@ class ObservabilityMiddleware:
         self.max_body = max_body_bytes
         self.body_timeout = body_timeout_s
         self.fast_paths = fast_paths or {}
+        # (route, method, status) -> its counter and histogram children: prometheus_client's
+        # labels() validates and locks on every call, twice per request on the serving path.
+        self._children: dict[tuple[str, str, str], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -157,11 +160,13 @@ class ObservabilityMiddleware:
             await (fast or self.app)(scope, guarded, send_wrapper)
         finally:
             label = scope["path"] if fast else getattr(scope.get("route"), "path", None) or "<unmatched>"
-            code = str(status)
-            method = scope.get("method", "")
-            m = self.metrics
-            m.requests.labels(label, method, code).inc()
-            m.latency.labels(label, method, code).observe(time.perf_counter() - start)
+            key = (label, scope.get("method", ""), str(status))
+            children = self._children.get(key)
+            if children is None:
+                m = self.metrics
+                children = self._children[key] = (m.requests.labels(*key), m.latency.labels(*key))
+            children[0].inc()
+            children[1].observe(time.perf_counter() - start)
 
     def _guard_body(self, receive: Receive) -> Receive:
         """``receive`` with the size limit (for bodies without Content-Length) and the read timeout:

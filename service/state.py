@@ -47,7 +47,7 @@ class ServiceState:
         self.monitor = Monitor(s)
         self.metrics = ServiceMetrics(self.monitor, self)
         self.feedback = FeedbackStore(s.feedback_capacity)
-        self.engine = InferenceEngine(s.inference, s.max_batch_instances)
+        self.engine = InferenceEngine(s.inference, s.max_batch_instances, on_scored=self.monitor.record_primary)
 
     # ------------------------------------------------------------------ lifecycle
     def start(self) -> None:

@@ -88,7 +88,6 @@ async def score_request(svc: ServiceState, body: bytes, components: bool) -> tup
                  for c, s, k in zip(ctr, std, scores.components.tolist())]
     else:
         preds = [{"ctr": c, "component_std": s} for c, s in zip(ctr, std)]
-    svc.monitor.record_primary(scores.component_std)
     # A copy: the scores may be a view into a whole micro-batch, which must not stay alive with it.
     svc.feedback.put(request_id, scores.ctr.copy(), slot.version)
     if svc.shadow_scorer is not None and svc.shadow is not None:

@@ -272,39 +272,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return args
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if args.baseline or args.floor:
-        if args.input is None or args.out is None:
-            raise SystemExit("--baseline/--floor need --input and --out")
-        print(json.dumps((run_baseline if args.baseline else run_floor)(args.input, args.out)))
-        return 0
-
-    sys.path.insert(0, str(BENCH_DIR))  # `common` sits beside this script
-    sys.path.insert(0, str(ROOT))  # ctr_ad for data generation when not installed
-    if args.markdown:
-        print(markdown_tables(json.loads(args.results.read_text(encoding="utf-8"))))
-        return 0
-    from common import MIB, format_table, machine_info, run_measured, utc_timestamp, write_json
-
-    started = utc_timestamp()
-    code_before = source_fingerprint()
-    work: Path = args.work_dir
-    work.mkdir(parents=True, exist_ok=True)
-    # First, while this driver is still small (no polars, no generated data): a child's ru_maxrss
-    # starts at its parent's, so the children measured here must be spawned from a lean process.
-    # --skip-memory quotes the stored section, read when the results are written (below), so a
-    # --memory-only run going on beside this one is not overwritten by an older copy.
-    memory = None if args.skip_memory else bounded_memory(args, work)
-    if args.memory_only:
-        return 0
-    small, large = args.rows_flat
-    sizes = {args.rows_main} if args.skip_flat else {args.rows_main, small, large}
-    inputs = {n: dataset(work, n, args.seed) for n in sorted(sizes)}
-    for path in inputs.values():
-        warm_page_cache(path)
-
+def speed_configs(args: argparse.Namespace) -> tuple[list[Config], tuple[Config, Config] | None]:
+    """The runs of the speed part (ours with 1 worker, the pandas baseline, ours with more workers,
+    the polars floor, then the flatness sizes), and the flatness pair (small, large) unless skipped."""
     main_n = args.rows_main
+    small, large = args.rows_flat
     configs = [
         Config(f"ours-w1-{main_n}", "ours", main_n, 1),
         Config(f"baseline-{main_n}", "baseline", main_n),
@@ -317,9 +289,15 @@ def main(argv: list[str] | None = None) -> int:
     unique: dict[str, Config] = {}
     for cfg in configs:
         unique.setdefault(cfg.name, cfg)
-    configs = list(unique.values())
-    ours_main, base_main, ours_alt, floor_main = configs[0], configs[1], configs[2], configs[3]
     flat_pair = None if args.skip_flat else (unique[f"ours-w1-{small}"], unique[f"ours-w1-{large}"])
+    return list(unique.values()), flat_pair
+
+
+def measure_rounds(configs: list[Config], inputs: dict[int, Path], args: argparse.Namespace, work: Path
+                   ) -> tuple[dict[str, Any] | None, dict[str, set[str]], dict[str, Any] | None]:
+    """Every config once per repeat, interleaved; (train-split equivalence with the baseline, our
+    fingerprints per size, the baseline's own summary)."""
+    from common import MIB, run_measured
 
     equivalence: dict[str, Any] | None = None
     fingerprints: dict[str, set[str]] = {}
@@ -346,8 +324,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[bench] repeat {rep + 1}/{args.repeats} {cfg.name:<22} {m.wall_s:7.1f}s "
                   f"{m.peak_rss_bytes / MIB:8.0f} MiB", file=sys.stderr, flush=True)
         if equivalence is None:
-            equivalence = check_equivalence(ours_main.out_dir(work), base_main.out_dir(work))
+            equivalence = check_equivalence(configs[0].out_dir(work), configs[1].out_dir(work))
+    return equivalence, fingerprints, baseline_summary
 
+
+def speed_figures(configs: list[Config], flat_pair: tuple[Config, Config] | None, args: argparse.Namespace
+                  ) -> tuple[list[dict[str, Any]], dict[str, float]]:
+    """The speed part's targets (each with ``met``) and its ratios, from the measured configs."""
+    ours_main, base_main, ours_alt, floor_main = configs[0], configs[1], configs[2], configs[3]
+    small, large = args.rows_flat
     speedup = ours_main.rows_per_s() / base_main.rows_per_s()
     speedup_alt = ours_alt.rows_per_s() / base_main.rows_per_s()
     floor_ratio = ours_main.median_wall() / floor_main.median_wall()
@@ -365,11 +350,76 @@ def main(argv: list[str] | None = None) -> int:
          "value": round(memory_ratio, 3), "target": round(TARGET_MEMORY_RATIO, 4),
          "met": memory_ratio <= TARGET_MEMORY_RATIO},
     ]
-    if flat_pair is not None:
-        flatness = flat_pair[1].median_rss() / flat_pair[0].median_rss()
+    flatness = flat_pair[1].median_rss() / flat_pair[0].median_rss() if flat_pair is not None else None
+    if flatness is not None:
         targets.append({"name": "memory_flatness",
                         "description": f"ours peak RSS at {large} rows <= {TARGET_FLATNESS:g} x at {small} rows",
                         "value": round(flatness, 3), "target": TARGET_FLATNESS, "met": flatness <= TARGET_FLATNESS})
+    ratios = {"wall_ours_w1_over_floor": round(floor_ratio, 3),
+              f"wall_ours_w{args.workers_alt}_over_floor": round(floor_ratio_alt, 3),
+              "throughput_ours_w1_over_baseline": round(speedup, 3),
+              f"throughput_ours_w{args.workers_alt}_over_baseline": round(speedup_alt, 3),
+              "peak_rss_ours_w1_over_baseline": round(memory_ratio, 3),
+              f"peak_rss_ours_w{args.workers_alt}_over_baseline":
+                  round(ours_alt.median_rss() / base_main.median_rss(), 3),
+              **({f"peak_rss_ours_{large}_over_{small}": round(flatness, 3)} if flatness is not None else {})}
+    return targets, ratios
+
+
+def print_summary(result: dict[str, Any], configs: list[Config], args: argparse.Namespace) -> None:
+    from common import MIB, format_table
+
+    equivalence = result["checks"]["train_split_equivalent_to_baseline"]
+    ratios = result["ratios"]
+    rows = [[c.name, c.rows, c.workers if c.kind == "ours" else "-", c.wall_spread()["min"], c.wall_spread()["median"],
+             c.wall_spread()["max"], c.rows_per_s(), c.median_rss() / MIB] for c in configs]
+    print(format_table(["config", "rows", "workers", "wall s min", "median", "max", "rows/s", "peak RSS MiB"],
+                       rows))
+    print()
+    print(headline(result))
+    print(f"\nworkers={args.workers_alt}: {ratios[f'throughput_ours_w{args.workers_alt}_over_baseline']:.2f}x "
+          f"baseline rows/s; "
+          f"train split equivalent to baseline: {equivalence and equivalence['equivalent']}")
+    print(f"results: {args.results}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.baseline or args.floor:
+        if args.input is None or args.out is None:
+            raise SystemExit("--baseline/--floor need --input and --out")
+        print(json.dumps((run_baseline if args.baseline else run_floor)(args.input, args.out)))
+        return 0
+
+    sys.path.insert(0, str(BENCH_DIR))  # `common` sits beside this script
+    sys.path.insert(0, str(ROOT))  # ctr_ad for data generation when not installed
+    if args.markdown:
+        print(markdown_tables(json.loads(args.results.read_text(encoding="utf-8"))))
+        return 0
+    from common import MIB, machine_info, utc_timestamp, write_json
+
+    started = utc_timestamp()
+    code_before = source_fingerprint()
+    work: Path = args.work_dir
+    work.mkdir(parents=True, exist_ok=True)
+    # First, while this driver is still small (no polars, no generated data): a child's ru_maxrss
+    # starts at its parent's, so the children measured here must be spawned from a lean process.
+    # --skip-memory quotes the stored section, read when the results are written (below), so a
+    # --memory-only run going on beside this one is not overwritten by an older copy.
+    memory = None if args.skip_memory else bounded_memory(args, work)
+    if args.memory_only:
+        return 0
+    small, large = args.rows_flat
+    sizes = {args.rows_main} if args.skip_flat else {args.rows_main, small, large}
+    inputs = {n: dataset(work, n, args.seed) for n in sorted(sizes)}
+    for path in inputs.values():
+        warm_page_cache(path)
+
+    configs, flat_pair = speed_configs(args)
+    main_n = args.rows_main
+    equivalence, fingerprints, baseline_summary = measure_rounds(configs, inputs, args, work)
+
+    targets, ratios = speed_figures(configs, flat_pair, args)
     result = {
         "benchmark": "ingest",
         "started_at": started,
@@ -387,14 +437,7 @@ def main(argv: list[str] | None = None) -> int:
                              "rows_per_s": round(c.rows_per_s(), 1),
                              "median_peak_rss_mib": round(c.median_rss() / MIB, 1),
                              "runs": c.runs} for c in configs},
-        "ratios": {"wall_ours_w1_over_floor": round(floor_ratio, 3),
-                   f"wall_ours_w{args.workers_alt}_over_floor": round(floor_ratio_alt, 3),
-                   "throughput_ours_w1_over_baseline": round(speedup, 3),
-                   f"throughput_ours_w{args.workers_alt}_over_baseline": round(speedup_alt, 3),
-                   "peak_rss_ours_w1_over_baseline": round(memory_ratio, 3),
-                   f"peak_rss_ours_w{args.workers_alt}_over_baseline":
-                       round(ours_alt.median_rss() / base_main.median_rss(), 3),
-                   **({f"peak_rss_ours_{large}_over_{small}": round(flatness, 3)} if flat_pair else {})},
+        "ratios": ratios,
         "targets": targets,
         "bounded_memory": memory,
         "checks": {"train_split_equivalent_to_baseline": equivalence,
@@ -414,15 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     result["settings"]["ours_source_changed_during_run"] = code_after != code_before
     write_json(args.results, result)
 
-    rows = [[c.name, c.rows, c.workers if c.kind == "ours" else "-", c.wall_spread()["min"], c.wall_spread()["median"],
-             c.wall_spread()["max"], c.rows_per_s(), c.median_rss() / MIB] for c in configs]
-    print(format_table(["config", "rows", "workers", "wall s min", "median", "max", "rows/s", "peak RSS MiB"],
-                       rows))
-    print()
-    print(headline(result))
-    print(f"\nworkers={args.workers_alt}: {speedup_alt:.2f}x baseline rows/s; "
-          f"train split equivalent to baseline: {equivalence and equivalence['equivalent']}")
-    print(f"results: {args.results}")
+    print_summary(result, configs, args)
     return 1 if args.check and not all(t["met"] for t in result["targets"]) else 0
 
 

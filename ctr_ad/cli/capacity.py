@@ -11,20 +11,14 @@ import argparse
 import json
 from pathlib import Path
 
+from ctr_ad.cli.train import add_override_argument
 from ctr_ad.config import load_config
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, type=Path, help="directory written by `ctr-ad ingest`")
     parser.add_argument("--config", help="training YAML config (default: built-in defaults)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set model.components=4",
-    )
+    add_override_argument(parser, "--set model.components=4")
     parser.add_argument("--components", type=int, required=True, help="K' of the equal-budget ensemble")
 
 

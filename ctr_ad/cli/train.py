@@ -12,18 +12,17 @@ from ctr_ad.files import finite_or_none
 from ctr_ad.tracking import TrackingConfig
 
 
+def add_override_argument(parser: argparse.ArgumentParser, example: str) -> None:
+    """``--set KEY=VALUE`` (repeatable) into ``args.overrides``: config values over the YAML's."""
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help=f"override a config value, e.g. {example}")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="directory written by `ctr-ad ingest`")
     parser.add_argument("--config", help="YAML config (see pipelines/configs/); default: built-in defaults")
     parser.add_argument("--out", required=True, help="run directory (checkpoint, metrics.jsonl, bundle/)")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config value, e.g. --set model.components=4 --set anti_distillation.lambda=0.1",
-    )
+    add_override_argument(parser, "--set model.components=4 --set anti_distillation.lambda=0.1")
     parser.add_argument("--resume", action="store_true", help="continue from RUN_DIR/checkpoint.pt")
     parser.add_argument("--deterministic", action="store_true", help="deterministic kernels (bit-identical reruns)")
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], help="override train.device")

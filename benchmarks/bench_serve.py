@@ -236,26 +236,22 @@ def histogram_quantile(q: float, before: dict[float, float], after: dict[float, 
 
 def forward_times(run_dir: Path, bodies: dict[int, bytes], threads: int, repeats: int = 300,
                   backend: str = "torch") -> dict[int, float]:
-    """Median ms of scoring each batch (the model alone, already encoded) as the service does with
-    ``backend``: the bundle in ``run_dir`` (torch; batches up to ``SMALL_BATCH_ROWS`` rows by its numpy
-    forward) or the graph exported from it (onnxruntime)."""
+    """Median ms of scoring each batch (the model alone, already encoded) by the service's own model
+    slot (``ModelSlot.score_arrays``) with ``backend``: the bundle in ``run_dir`` (torch, with its numpy
+    forward for small batches) or the graph exported from it (onnxruntime)."""
     import torch
     from threadpoolctl import threadpool_limits
 
-    from ctr_ad.small_batch import SMALL_BATCH_ROWS
-    from service.backends import load_model
-    from service.encoding import RecordEncoder, RequestParser
-    from service.model_store import small_batch_forward
+    from service.model_store import load_slot
 
     torch.set_num_threads(threads)
     threadpool_limits(threads, user_api="blas")
-    bundle = load_model(exported_graph(run_dir) if backend == "onnxruntime" else run_dir, backend, threads)
-    small = small_batch_forward(bundle)
-    parser, encoder = RequestParser(bundle.features, 10_000), RecordEncoder(bundle.features)
+    slot = load_slot(exported_graph(run_dir) if backend == "onnxruntime" else run_dir, 10_000, backend=backend,
+                     threads=threads)
+    score = slot.score_arrays
     out = {}
     for n, body in bodies.items():
-        cat, dense = encoder.encode(parser.parse(body))
-        score = small.predict if small is not None and n <= SMALL_BATCH_ROWS else bundle.predict_arrays
+        cat, dense = slot.encoder.encode(slot.parser.parse(body))
         for _ in range(20):
             score(cat, dense)
         times = []
@@ -538,16 +534,23 @@ def _span(stats: dict[str, Any], measure: str) -> str:
     return f"{m['median']:.2f} ({m['min']:.2f}–{m['max']:.2f})"
 
 
-def backend_tables(result: dict[str, Any]) -> str:
-    """The README's table of a backend comparison (medians over rounds, with min–max)."""
-    lines = ["| backend | scenario | p50 ms, median (min–max) | p99 ms, median (min–max) | inst/s "
-             "| server CPU ms/req | load |", "|---|---|---:|---:|---:|---:|---:|"]
+def scenario_table(result: dict[str, Any], first_column: str, with_max: bool) -> list[str]:
+    """One row per server (or backend) and scenario: medians over rounds, latencies with min–max."""
+    max_head, max_align = (" max ms |", "---:|") if with_max else ("", "")
+    lines = [f"| {first_column} | scenario | p50 ms, median (min–max) | p99 ms, median (min–max) |{max_head} "
+             "inst/s | server CPU ms/req | load |", f"|---|---|---:|---:|{max_align}---:|---:|---:|"]
     for name, by_key in result["scenarios"].items():
         for key, s in by_key.items():
-            lines.append(f"| {name} | {key.replace('inst_c', ' inst, c')} | {_span(s, 'p50_ms')} "
-                         f"| {_span(s, 'p99_ms')} | {s['instances_per_s']['median']:,.0f} "
-                         f"| {s['server_cpu_ms_per_request']['median']:.2f} "
-                         f"| {s['load_1min']['median']:.1f} |")
+            max_cell = f" {s['max_ms']['median']:.1f} |" if with_max else ""
+            lines.append(f"| {name.replace('_', ' ')} | {key.replace('inst_c', ' inst, c')} | {_span(s, 'p50_ms')} "
+                         f"| {_span(s, 'p99_ms')} |{max_cell} {s['instances_per_s']['median']:,.0f} "
+                         f"| {s['server_cpu_ms_per_request']['median']:.2f} | {s['load_1min']['median']:.1f} |")
+    return lines
+
+
+def backend_tables(result: dict[str, Any]) -> str:
+    """The README's table of a backend comparison (medians over rounds, with min–max)."""
+    lines = scenario_table(result, "backend", with_max=False)
     lines += ["", "| backend | forward ms, 1 instance | forward ms, 100 instances |", "|---|---:|---:|"]
     for name, f in result["forward_ms"].items():
         lines.append(f"| {name} | {f['1inst']:.3f} | {f['100inst']:.3f} |")
@@ -557,14 +560,7 @@ def backend_tables(result: dict[str, Any]) -> str:
 def markdown_tables(result: dict[str, Any]) -> str:
     """The README's tables of a result: every scenario, then the shadow's cost (tests check the
     README holds exactly these, so the document and ``results/serve.json`` cannot drift apart)."""
-    lines = ["| server | scenario | p50 ms, median (min–max) | p99 ms, median (min–max) | max ms | inst/s "
-             "| server CPU ms/req | load |", "|---|---|---:|---:|---:|---:|---:|---:|"]
-    for name, by_key in result["scenarios"].items():
-        for key, s in by_key.items():
-            lines.append(f"| {name.replace('_', ' ')} | {key.replace('inst_c', ' inst, c')} | {_span(s, 'p50_ms')} "
-                         f"| {_span(s, 'p99_ms')} | {s['max_ms']['median']:.1f} "
-                         f"| {s['instances_per_s']['median']:,.0f} | {s['server_cpu_ms_per_request']['median']:.2f} "
-                         f"| {s['load_1min']['median']:.1f} |")
+    lines = scenario_table(result, "server", with_max=True)
     lines += ["", "| scenario | server CPU / request | p50 | p99 | throughput |", "|---|---:|---:|---:|---:|"]
     for key, c in result["shadow_cost"].items():
         lines.append(f"| {key.replace('inst_c', ' inst, c')} | {c['server_cpu_growth']:+.0%} | {c['p50_growth']:+.0%} "

@@ -37,7 +37,7 @@ from service.state import ServiceState
 log = logging.getLogger(__name__)
 # The event loop and the inference thread take turns holding the GIL; a thread that wants it makes
 # the holder drop it after this long. 0.5 ms suited a 0.6 ms torch forward; with small batches
-# scored in numpy (~0.1 ms) forced switches cost more than they save: 5 ms (CPython's default) gave
+# scored in numpy (~0.2 ms) forced switches cost more than they save: 5 ms (CPython's default) gave
 # 7 % less CPU per request and a p99 of 4.2-4.9 ms against 5.3-5.6 ms (1 instance, c = 8, 2 workers,
 # same run; benchmarks/README.md). Set by the server process only.
 SWITCH_INTERVAL_S = 0.005

@@ -141,10 +141,9 @@ def resolve_published(path: str | Path) -> Path:
 def small_batch_forward(bundle: ScoringModel) -> NumpyEnsemble | None:
     """The numpy forward of a torch bundle on the CPU (one request's rows cost a fifth of torch's
     time there); None for other backends and devices, which score every batch themselves."""
-    model = getattr(bundle, "model", None)
-    if not isinstance(bundle, bundle_mod.Bundle) or model is None or bundle.device.type != "cpu":
+    if not isinstance(bundle, bundle_mod.Bundle) or bundle.device.type != "cpu":
         return None
-    return NumpyEnsemble(model, bundle.config.model.prediction)
+    return NumpyEnsemble(bundle.model, bundle.config.model.prediction)
 
 
 def load_slot(path: str | Path, max_instances: int, offline_pd_rel: float | None = None, backend: str = "torch",

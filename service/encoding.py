@@ -86,10 +86,12 @@ Categorical = Annotated[
 @dataclass(frozen=True)
 class ParsedBatch:
     """Validated instances as columns: ``columns[j]`` holds field ``fields[j]`` of every instance
-    (None = missing; categorical integers written in decimal)."""
+    (None = missing; categorical integers written in decimal); ``dense`` holds the dense fields
+    again as float64 [N, D], NaN for missing (the encoder's input)."""
 
     fields: tuple[str, ...]
     columns: list[Sequence[Any]]
+    dense: np.ndarray
 
     def __len__(self) -> int:
         return len(self.columns[0]) if self.columns else 0
@@ -154,9 +156,11 @@ class RequestParser:
         # One transpose in C: columns[j] holds field j of every instance.
         columns: list[Sequence[Any]] = list(zip(*rows, strict=True))
         n_dense = len(self.dense)
+        # One conversion, shared by the integer check and the encoder (None -> NaN).
+        dense = np.array(columns[:n_dense], dtype=np.float64).reshape(n_dense, len(rows)).T
         if self.integer_dense and n_dense:
-            self._check_integers(columns[:n_dense])
-        return ParsedBatch(self.fields, columns)
+            self._check_integers(dense)
+        return ParsedBatch(self.fields, columns, dense)
 
     def decode_reference(self, body: bytes) -> list[tuple[Any, ...]]:
         """The instances of a body as tuples in ``fields`` order, by the pydantic model; ApiError if invalid."""
@@ -182,10 +186,9 @@ class RequestParser:
             rows = [(*r[:n_dense], *(str(v) if type(v) is int else v for v in r[n_dense:])) for r in rows]
         return rows
 
-    def _check_integers(self, dense_columns: list[Sequence[Any]]) -> None:
-        # Validated dense values are finite numbers or None (-> NaN, for which the test is False).
-        values = np.array(dense_columns, dtype=np.float64).T
-        bad = values - np.floor(values) > 0
+    def _check_integers(self, values: np.ndarray) -> None:
+        # Validated dense values are finite numbers or NaN (missing), for which the test is False.
+        bad = np.greater(values, np.floor(values))
         if bad.any():
             errors = []
             for i, j in zip(*np.nonzero(bad)):
@@ -275,7 +278,7 @@ class RecordEncoder:
 
     def encode(self, batch: ParsedBatch) -> tuple[np.ndarray, np.ndarray]:
         n_dense = len(self.dense)
-        cat, dense = self.processor.encode_columns(batch.columns[:n_dense], batch.columns[n_dense:])
+        cat, dense = self.processor.encode_columns(batch.dense, batch.columns[n_dense:])
         if n_dense and not np.isfinite(dense).all():
             self._raise_non_finite(dense)
         return cat, dense

@@ -302,13 +302,14 @@ def _load_test(data_dir: Path) -> tuple[pl.DataFrame, Any]:
 
 
 def _train_model_replica(
-    data_dir: Path, config: dict[str, Any], run_dir: Path, device: str | None
+    data_dir: Path, config: dict[str, Any], run_dir: Path, device: str | None, anchor_cache: Path | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """Train one replica; return its (test, validation) logits [K, N] from the weights it keeps."""
     from ctr_ad.config import Config
     from ctr_ad.train import train
 
-    result = train(data_dir, Config.from_dict(config), run_dir, device=device, progress=False, log=False)
+    result = train(data_dir, Config.from_dict(config), run_dir, device=device, progress=False, log=False,
+                   anchor_cache=anchor_cache)
     assert result.test is not None and result.valid is not None  # run_experiment checked the splits
     return result.test.logits, result.valid.logits
 
@@ -396,7 +397,8 @@ def run_replica(
         logits, valid_logits = _train_logreg_replica(data_dir, config, rdir.run.root)
         prediction = "mean_prob"
     else:
-        logits, valid_logits = _train_model_replica(data_dir, config, rdir.run.root, device)
+        logits, valid_logits = _train_model_replica(data_dir, config, rdir.run.root, device,
+                                                    ExperimentDir(exp_dir).anchor_cache)
         prediction = config["model"]["prediction"]
     label = {s: pl.read_parquet(DataDir(data_dir).split(s), columns=["label"])["label"].to_numpy()
              for s in ("test", "valid")}

@@ -131,6 +131,11 @@ class ExperimentDir:
     def plots(self) -> Path:
         return self.root / "plots"
 
+    @property
+    def anchor_cache(self) -> Path:
+        """Linear anchor fits shared by the worker processes (by data fingerprint and C)."""
+        return self.root / "anchor-cache"
+
     def arm(self, name: str) -> Path:
         return self.root / "arms" / name
 

@@ -234,9 +234,11 @@ class _SigtermFlag:
 class Trainer:
     """One training run of an ensemble on an ingested data directory into a run directory."""
 
-    def __init__(self, data_dir: Path, cfg: Config, out_dir: Path, *, resume: bool, verbose: bool) -> None:
+    def __init__(self, data_dir: Path, cfg: Config, out_dir: Path, *, resume: bool, verbose: bool,
+                 anchor_cache: Path | None = None) -> None:
         from ctr_ad.features import FeatureProcessor
 
+        self.anchor_cache = anchor_cache
         self.cfg, self.t, self.ad = cfg, cfg.train, cfg.anti_distillation
         self.data, self.run = DataDir(data_dir), RunDir(out_dir)
         # Refuses a directory without a manifest or with files that do not match it.
@@ -430,16 +432,23 @@ class Trainer:
     def _fit_anchor(self, model: EnsembleCTR) -> None:
         """Fit the frozen linear anchor (deterministic: L-BFGS on the full training split) and record it.
 
-        The fit depends only on the data and ``anchor_C``, so a process reuses it across replicas."""
+        The fit depends only on the data and ``anchor_C``, so a process reuses it across replicas,
+        and processes given the same ``anchor_cache`` directory (an experiment's workers) share it."""
         import polars as pl
 
-        from ctr_ad.linear import fit_linear
+        from ctr_ad.linear import fit_linear, shared_fit
+
+        def fit_here() -> Any:
+            valid = pl.read_parquet(self.data.valid) if self.data.valid.is_file() else None
+            return fit_linear(pl.read_parquet(self.data.train), valid, self.features, self.cfg.model.anchor_C)
 
         key = (self.fingerprint, self.cfg.model.anchor_C)
         fit = _ANCHOR_CACHE.get(key) if self.fingerprint else None
         if fit is None:
-            valid = pl.read_parquet(self.data.valid) if self.data.valid.is_file() else None
-            fit = fit_linear(pl.read_parquet(self.data.train), valid, self.features, self.cfg.model.anchor_C)
+            shared = None
+            if self.anchor_cache is not None and self.fingerprint:
+                shared = self.anchor_cache / f"anchor-{self.fingerprint}-C{self.cfg.model.anchor_C}.npz"
+            fit = shared_fit(shared, fit_here)
             _ANCHOR_CACHE[key] = fit
         if not fit.converged:
             logger.warning(f"the linear anchor (C={fit.C:g}) did not converge in {fit.iterations} iterations")
@@ -809,6 +818,7 @@ def train(
     progress: bool | None = None,
     write_bundle: bool = True,
     log: bool = True,
+    anchor_cache: str | Path | None = None,
 ) -> TrainResult:
     """Train an ensemble on ``data_dir`` (output of ``ctr-ad ingest``) into ``out_dir``.
 
@@ -816,7 +826,8 @@ def train(
     ``progress`` override the config. Raises :class:`UserError` for bad inputs and
     :class:`TrainingInterrupted` after a SIGTERM (a checkpoint is written first).
     Process-wide torch settings it changes (threads, deterministic algorithms) are restored on return,
-    so it can be called repeatedly from one process (experiments, tests).
+    so it can be called repeatedly from one process (experiments, tests). ``anchor_cache``: a
+    directory where processes training on the same data share the linear anchor's fit.
     """
     cfg = config if isinstance(config, Config) else load_config(config)
     updates = {k: v for k, v in {"device": device, "deterministic": deterministic, "progress": progress}.items()
@@ -826,7 +837,8 @@ def train(
     threads = torch.get_num_threads()
     was_deterministic = torch.are_deterministic_algorithms_enabled()
     try:
-        trainer = Trainer(Path(data_dir), cfg, Path(out_dir), resume=resume, verbose=log)
+        trainer = Trainer(Path(data_dir), cfg, Path(out_dir), resume=resume, verbose=log,
+                          anchor_cache=Path(anchor_cache) if anchor_cache is not None else None)
         trainer.fit()
         return trainer.finish(write_bundle)
     finally:

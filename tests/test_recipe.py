@@ -4,6 +4,7 @@ selection, the penalty's dropout-free pass, its λ = 0 control and the gradient-
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,10 @@ from helpers_train import DEMO_CONFIG, ingested_8k, small_config
 from ctr_ad import bundle as bundle_mod
 from ctr_ad.averaging import WeightAverager
 from ctr_ad.features import FeatureProcessor
-from ctr_ad.linear import fit_linear, one_hot
+from ctr_ad.linear import LinearFit, fit_linear, one_hot, shared_fit
 from ctr_ad.model import EnsembleCTR
 from ctr_ad.selection import improved_components, keep_components
-from ctr_ad.train import train
+from ctr_ad.train import _ANCHOR_CACHE, train
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,36 @@ def test_anchor_is_the_converged_linear_model_and_survives_the_bundle(data_dir: 
     assert loaded.model.anchored and torch.equal(loaded.model.anchor_cat, result.model.anchor_cat)
     # The anchor is a buffer: the optimizers never move it.
     assert all(p is not result.model.anchor_cat for p in result.model.parameters())
+
+
+def test_processes_share_one_anchor_fit_through_the_cache(data_dir: Path, tmp_path: Path) -> None:
+    features = FeatureProcessor.load(data_dir / "features.json")
+    train_frame = pl.read_parquet(data_dir / "train.parquet")
+    calls: list[int] = []
+
+    def fit() -> LinearFit:
+        calls.append(1)
+        return fit_linear(train_frame, None, features, 0.03)
+
+    cache = tmp_path / "cache" / "anchor.npz"
+    # Concurrent askers (the lock is per open file, so threads contend like worker processes): one fit.
+    with ThreadPoolExecutor(2) as pool:
+        first, second = pool.map(lambda _: shared_fit(cache, fit), range(2))
+    assert len(calls) == 1 and cache.is_file()
+    again = shared_fit(cache, fit)
+    assert len(calls) == 1
+    for other in (second, again):
+        assert np.array_equal(other.cat_weight, first.cat_weight) and other.intercept == first.intercept
+        assert other.record() == first.record()
+    # Through the trainer: a second "process" (its in-memory cache emptied) reads the file, fits nothing.
+    cfg = small_config(model__anchor="logreg", model__anchor_C=0.03, train__epochs=1)
+    _ANCHOR_CACHE.clear()  # earlier tests of this process fitted the same anchor
+    train(data_dir, cfg, tmp_path / "a", log=False, anchor_cache=tmp_path / "shared")
+    _ANCHOR_CACHE.clear()
+    stamp = next((tmp_path / "shared").glob("anchor-*.npz")).stat().st_mtime_ns
+    train(data_dir, cfg, tmp_path / "b", log=False, anchor_cache=tmp_path / "shared")
+    assert next((tmp_path / "shared").glob("anchor-*.npz")).stat().st_mtime_ns == stamp
+    assert (tmp_path / "a" / "anchor.json").read_text() == (tmp_path / "b" / "anchor.json").read_text()
 
 
 def test_auto_anchor_chooses_C_on_validation(data_dir: Path, tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """The ensemble's forward pass in numpy, for the few rows of one service request.
 
 PyTorch spends most of a one-instance forward in per-operator dispatch, not arithmetic: on the
-2-core benchmark machine ``EnsembleCTR.forward`` takes ~0.6 ms for one row against ~0.2 ms for the
+2-core benchmark machine ``EnsembleCTR.forward`` takes ~0.6 ms for one row against ~0.15 ms for the
 same ~15 operations in numpy. :class:`NumpyEnsemble` copies an evaluation-mode ``EnsembleCTR``'s
 weights once and computes the same function (gather, the first layer split into its embedding and
 dense parts, batched matmuls, ReLU or SmeLU, the linear anchor, the ensemble rule) in float32, so

@@ -129,7 +129,7 @@ def test_checkpoints_of_changed_inputs_are_not_reused(days, tmp_path):
 
 
 def test_checkpoints_are_reused_only_while_finished_and_unchanged(days, tmp_path):
-    from ctr_ad.ingest.resume import FileCheckpoints, FileResult
+    from ctr_ad.ingest.resume import FileCheckpoints, FileResult, StatisticsLog
 
     paths, _ = days
     out = tmp_path / "data"
@@ -138,13 +138,20 @@ def test_checkpoints_are_reused_only_while_finished_and_unchanged(days, tmp_path
     spill, part = folder / "spill-00000-000000.arrow", folder / "quarantine.jsonl"
     spill.write_bytes(b"x")
     part.write_text("")
-    store.save(0, FileResult(spills=[str(spill)], rows_read=7, quarantine=str(part)))
+    log = StatisticsLog(folder / "statistics.pkl")
+    for block in ({"counts": 1}, {"counts": 2}):
+        log.append(block)
+    log.close()
+    done = FileResult(spills=[str(spill)], rows_read=7, quarantine=str(part), statistics=str(log.path))
+    store.save(0, done)
     assert store.load(0).rows_read == 7 and store.load(1) is None
+    # The blocks' statistics come back in block order, one at a time.
+    assert list(FileCheckpoints.statistics(store.load(0))) == [{"counts": 1}, {"counts": 2}]
     with pytest.raises(UserError, match=r"another ingest into .* is running"):
         FileCheckpoints(out, paths, "key-1")  # one ingest at a time
     store.invalidate(0)  # pass 2 is about to consume the spills
     assert store.load(0) is None
-    store.save(0, FileResult(spills=[str(spill)], rows_read=7, quarantine=str(part)))
+    store.save(0, done)
     spill.unlink()  # a spill gone: redo the file
     assert store.load(0) is None
     store.close(success=False)

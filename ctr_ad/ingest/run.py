@@ -68,7 +68,7 @@ from ctr_ad.ingest.reader import (
     parse_block,
     read_chunks,
 )
-from ctr_ad.ingest.resume import FileCheckpoints, FileResult, run_key
+from ctr_ad.ingest.resume import STATISTICS, FileCheckpoints, FileResult, StatisticsLog, run_key
 from ctr_ad.schema import SourceSpec, get_source
 from ctr_ad.table_schema import TableSchema
 from ctr_ad.vocabulary import resolve_max_vocab
@@ -437,15 +437,16 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
                     result = checkpoints.load(fi) if checkpoints is not None else None
                     resumed = result is not None
                     bar.start_file(fi)
-                    if result is None:
+                    if result is None:  # the counts are fitted block by block, as they arrive
                         result = _read_file(fi, inputs, layouts, line_offsets, plan, spec, dense, opts,
-                                            block_bytes, pool, window, spill_dir, checkpoints, qf, bar)
+                                            block_bytes, pool, window, spill_dir, checkpoints, qf, bar,
+                                            fit=lambda statistics: fp.partial_fit(statistics=statistics))
                     else:
                         log.info("%s: finished by an earlier run, reused", inputs[fi])
                         bar.rows_done(result.rows_read)
+                        for statistics in FileCheckpoints.statistics(result):
+                            fp.partial_fit(statistics=statistics)
                     bar.file_done(fi, resumed)
-                    for statistics in result.statistics:
-                        fp.partial_fit(statistics=statistics)
                     tally.add(fi, result)
                     if checkpoints is not None:  # the file's quarantined lines, kept in its folder
                         with open(result.quarantine, encoding="utf-8") as part:
@@ -483,8 +484,10 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
 def _read_file(fi: int, inputs: list[Path], layouts: list[Layout], line_offsets: list[int], plan: SplitPlan,
                spec: SourceSpec, dense: list[str], opts: IngestOptions, block_bytes: int,
                pool: Executor | None, window: int, spill_dir: Path,
-               checkpoints: FileCheckpoints | None, qf: Any, bar: FileProgress) -> FileResult:
-    """Pass 1 over input ``fi``: its blocks in order, checkpointed when ``checkpoints`` is given."""
+               checkpoints: FileCheckpoints | None, qf: Any, bar: FileProgress,
+               fit: Callable[[Any], object]) -> FileResult:
+    """Pass 1 over input ``fi``: its blocks in order, checkpointed when ``checkpoints`` is given;
+    ``fit`` receives each block's statistics of its training rows, in block order."""
     path, lay = inputs[fi], layouts[fi]
     offset = line_offsets[fi]
     if opts.split not in ("sequential", "days"):  # positions only need to be distinct and stable
@@ -492,9 +495,12 @@ def _read_file(fi: int, inputs: list[Path], layouts: list[Layout], line_offsets:
     folder = checkpoints.fresh_folder(fi) if checkpoints is not None else spill_dir
     result = FileResult()
     part = None
+    kept: StatisticsLog | None = None
     if checkpoints is not None:
         result.quarantine = str(folder / QUARANTINE)
         part = open(result.quarantine, "w", encoding="utf-8")  # noqa: SIM115 - closed below
+        result.statistics = str(folder / STATISTICS)
+        kept = StatisticsLog(folder / STATISTICS)
     sink = part if part is not None else qf
     by_kind: Counter = Counter()
 
@@ -507,7 +513,9 @@ def _read_file(fi: int, inputs: list[Path], layouts: list[Layout], line_offsets:
 
     try:
         for good, per_split, read, bad, statistics in _ordered_map(_parse_count_spill, tasks(), pool, window):
-            result.statistics.append(statistics)
+            fit(statistics)
+            if kept is not None:
+                kept.append(statistics)
             result.per_split = [a + b for a, b in zip(result.per_split, per_split, strict=True)]
             result.rows_read += read
             result.rows_written += good
@@ -521,6 +529,8 @@ def _read_file(fi: int, inputs: list[Path], layouts: list[Layout], line_offsets:
     finally:
         if part is not None:
             part.close()
+        if kept is not None:
+            kept.close()
     result.by_kind = dict(by_kind)
     if checkpoints is not None:
         checkpoints.save(fi, result)

@@ -281,7 +281,12 @@ class FeatureProcessor:
         real sample row); this one avoids building frames, which costs more than a model's forward
         pass for one request. The service and the small-batch path of ``transform`` use it.
         """
-        n = len(categorical[0]) if categorical else len(dense[0] if not isinstance(dense, np.ndarray) else dense)
+        if categorical:
+            n = len(categorical[0])
+        elif isinstance(dense, np.ndarray):
+            n = dense.shape[0]
+        else:
+            n = len(dense[0]) if dense else 0
         getters = self._getters()
         if n < 8:
             # One comprehension: for a request of a few instances, a map() object per field costs

@@ -32,6 +32,7 @@ Layout of ``EXP_DIR``::
     arms/<arm>/r<r>/done.json             marker: the replica finished with this config hash
     arms/<arm>/r<r>/run/                  the training run: bundle/ for model arms (its checkpoint is
                                           deleted once the replica is done), fit.json for logreg
+    anchor-cache/anchor-<data>-C<C>.npz   the linear anchor's fit, shared by the worker processes
     results.json                     per arm: mean ± std over replicas / replica pairs, resolved config
 
 A rerun skips replicas whose ``done.json`` matches the current config hash and redoes the others.

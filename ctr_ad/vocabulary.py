@@ -203,7 +203,9 @@ class CategoryCounter:
         wanted = dict(enumerate(fields))
         kept: dict[str, list[pl.DataFrame]] = {f: [] for f in fields}
         kept_rows: dict[str, int] = dict.fromkeys(fields, 0)
-        files = [pa.memory_map(str(self._run_path(r))) for r in range(self._runs)]
+        # Plain reads, not memory maps: every mapped page a partition touched would stay in the
+        # process's RSS, so a merge over all partitions grew to the size of all the runs.
+        files = [pa.OSFile(str(self._run_path(r))) for r in range(self._runs)]
         try:
             readers = [pa.ipc.open_file(f) for f in files]
             for p in range(PARTITIONS):

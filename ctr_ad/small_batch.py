@@ -109,11 +109,10 @@ class NumpyEnsemble:
         # than the arithmetic (the tail took 85 µs, now 35 µs on the 2-core benchmark machine).
         z = self.logits(cat, dense)
         probs = _sigmoid(z)  # float32, as torch.sigmoid
-        if self.prediction == "mean_logit":
-            ctr = _sigmoid(np.add.reduce(z, axis=0) / np.float32(self.k))
-        else:
-            ctr = np.add.reduce(probs, axis=0) / np.float32(self.k)
-        spread = probs - np.add.reduce(probs, axis=0) / np.float32(self.k)
+        mean_prob = np.add.reduce(probs, axis=0) / np.float32(self.k)
+        mean_logit = self.prediction == "mean_logit"
+        ctr = _sigmoid(np.add.reduce(z, axis=0) / np.float32(self.k)) if mean_logit else mean_prob
+        spread = probs - mean_prob
         std = np.sqrt(np.add.reduce(spread * spread, axis=0) / np.float32(self.k))  # population std, as torch's
         return ctr.astype(np.float64), probs.T.astype(np.float64), std.astype(np.float64)
 

@@ -188,6 +188,10 @@ class ExperimentConfig(StrictModel):
     pd_rel_goal: float = Field(0.5, gt=0.0, description="goal: pd_rel at most this × the baseline's")
     confirm: bool = Field(True, description="retrain the chosen arms and the baseline with fresh seeds")
     confirm_replicas: int | None = Field(None, ge=2, description="replicas of the confirmation round (None = replicas)")
+    confirm_seed_offset: int = Field(
+        1000, ge=1, description="added to the confirmation round's replica seeds; change it when the default "
+        "seeds were already looked at (a probe on them chose the arms), so the confirmation stays fresh"
+    )
     workers: int | None = Field(None, ge=1, description="replicas trained at once, one torch thread each (None = CPUs)")
     arms: list[ArmSpec] = Field(default_factory=list)
     grids: list[GridSpec] = Field(default_factory=list)
@@ -209,6 +213,10 @@ class ExperimentConfig(StrictModel):
             raise ValueError(f"duplicate arm names {dupes}")
         if not names:
             raise ValueError("no arms: give 'arms' and/or 'grids'")
+        main_seeds = max(a.seed_offset for a in self.all_arms()) + self.replicas
+        if self.confirm and self.confirm_seed_offset < main_seeds:
+            raise ValueError(f"confirm_seed_offset {self.confirm_seed_offset} reuses the main round's seeds "
+                             f"(up to {main_seeds - 1}): the confirmation needs fresh ones")
         return self
 
     def all_arms(self) -> list[ArmSpec]:
@@ -523,7 +531,7 @@ def _test_probs(exp: ExperimentDir, arm: str, replicas: int) -> list[np.ndarray]
 
 
 CONFIRM_SUFFIX = ".confirm"
-CONFIRM_SEED_OFFSET = 1000
+CONFIRM_SEED_OFFSET = ExperimentConfig.model_fields["confirm_seed_offset"].default
 
 
 def _confirm_name(arm: str) -> str:
@@ -601,7 +609,7 @@ def _confirmation_arms(cfg: ExperimentConfig, arms: dict[str, dict[str, Any]]) -
     chosen = decide_verdict(arms, cfg.logloss_tolerance, cfg.pd_rel_goal)
     names = [n for n in (chosen.baseline_arm, chosen.recipe_arm, chosen.ad_arm) if n]
     by_name = {a.name: a for a in cfg.all_arms()}
-    return [by_name[n].model_copy(update={"name": _confirm_name(n), "seed_offset": CONFIRM_SEED_OFFSET})
+    return [by_name[n].model_copy(update={"name": _confirm_name(n), "seed_offset": cfg.confirm_seed_offset})
             for n in dict.fromkeys(names)]
 
 

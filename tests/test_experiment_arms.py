@@ -145,3 +145,17 @@ def test_the_new_arms_join_the_verdict_grid_without_touching_its_baseline() -> N
     assert {roles[n] for n in ("k8-narrow", "smelu-beta0.1", "smelu-beta1", "smelu-beta10")} == {"recipe"}
     narrow = arm_training_config(cfg, next(a for a in cfg.all_arms() if a.name == "k8-narrow"), 0)
     assert (narrow.model.components, narrow.train.batch_size, narrow.model.anchor) == (8, 1024, "none")
+
+
+def test_the_confirmation_seeds_can_be_moved_past_seeds_already_looked_at() -> None:
+    """A probe that chose the arms on seeds 1000-1001 must not be 'confirmed' on those same seeds."""
+    arms = [{"name": "plain"}, {"name": "k8-narrow", "role": "recipe", "set": {"model.components": 8}}]
+    cfg = load_experiment_config(config(arms=arms, confirm_seed_offset=2000))
+    figures = {"accuracy": {"logloss": {"mean": 0.45}}, "pd": {"pd_rel": {"mean": 0.05}}}
+    summaries = {"plain": {"role": "plain", "kind": "model", **figures, "valid": figures},
+                 "k8-narrow": {"role": "recipe", "kind": "model", **figures, "valid": figures}}
+    again = _confirmation_arms(cfg, summaries)
+    assert {a.seed_offset for a in again} == {2000}
+    assert arm_training_config(cfg, again[0], 2).train.seed_init == 2002
+    with pytest.raises(UserError, match="confirm_seed_offset 2 reuses the main round's seeds"):
+        load_experiment_config(config(arms=arms, confirm_seed_offset=2))

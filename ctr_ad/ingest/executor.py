@@ -4,7 +4,7 @@ The passes (:mod:`ctr_ad.ingest.run`, :mod:`ctr_ad.ingest.time_split`) hand each
 ``Executor`` (``submit(fn, *args)``, then ``result()`` in block order) and merge the results in the
 main process, so what runs a block never changes what is written. Two engines:
 
-* ``local``: in this process (``--workers 1``) or on a pool of spawned worker processes;
+* ``local``: in this process (``--workers 1``: two threads) or on a pool of spawned worker processes;
 * ``ray``: Ray tasks running the same worker functions, on a local Ray instance or on the cluster
   that ``RAY_ADDRESS`` names (:mod:`ctr_ad.ingest.ray_engine`, needs ``pip install 'ctr-ad[ray]'``).
 """
@@ -12,7 +12,7 @@ main process, so what runs a block never changes what is written. Two engines:
 from __future__ import annotations
 
 import os
-from concurrent.futures import Executor, ProcessPoolExecutor
+from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing import get_context
 from typing import Literal
 
@@ -20,6 +20,12 @@ from ctr_ad.ingest.lifecycle import worker_init
 
 Engine = Literal["local", "ray"]
 ENGINES: tuple[str, ...] = ("local", "ray")
+
+#: Threads that run blocks in a one-worker ingest. A block's work is nearly all native code that
+#: releases the GIL (polars' parse and group-bys, Arrow IPC and Parquet compression, numpy), so a
+#: second thread overlaps one block's parse with the previous block's counting and writing, and the
+#: main thread's merging with both, without a second process's imports and memory.
+BLOCK_THREADS = 2
 
 
 def check_engine(engine: str) -> None:
@@ -30,9 +36,9 @@ def check_engine(engine: str) -> None:
         import_ray()
 
 
-def open_executor(engine: str, workers: int) -> tuple[Executor | None, int]:
-    """The executor of one ingest (None: run every block in this process) and how many blocks may be
-    in flight at once (bounds memory: each holds one block). Shut it down when the ingest ends."""
+def open_executor(engine: str, workers: int) -> tuple[Executor, int]:
+    """The executor of one ingest and how many blocks may be in flight at once (bounds memory: each
+    holds one block). Shut it down when the ingest ends."""
     if engine == "ray":
         from ctr_ad.ingest.ray_engine import RayExecutor
 
@@ -40,7 +46,8 @@ def open_executor(engine: str, workers: int) -> tuple[Executor | None, int]:
         return ray_executor, ray_executor.window
     if engine != "local":
         raise ValueError(f"unknown ingest engine {engine!r}; choose one of {', '.join(ENGINES)}")
-    pool = (ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=worker_init,
-                                initargs=(os.getpid(),))
-            if workers > 1 else None)
-    return pool, max(2 * workers, 2)
+    if workers == 1:
+        return ThreadPoolExecutor(max_workers=BLOCK_THREADS, thread_name_prefix="ingest-block"), BLOCK_THREADS
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=worker_init,
+                               initargs=(os.getpid(),))
+    return pool, 2 * workers

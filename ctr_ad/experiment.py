@@ -60,6 +60,7 @@ import numpy as np
 import polars as pl
 import yaml
 from pydantic import Field, field_validator, model_validator
+from scipy.special import expit
 
 from ctr_ad import metrics as M
 from ctr_ad.artifacts import data_fingerprint, write_document
@@ -345,7 +346,8 @@ def _train_logreg_replica(data_dir: Path, config: dict[str, Any], run_dir: Path)
 
 
 def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.asarray(z, dtype=np.float64)))
+    # expit, not 1 / (1 + exp(-z)): a diverging arm's logit below -710 overflows exp and warns.
+    return expit(np.asarray(z, dtype=np.float64))
 
 
 def ensemble_prob(logits: np.ndarray, mode: Literal["mean_prob", "mean_logit"] = "mean_prob") -> np.ndarray:

@@ -130,7 +130,7 @@ def test_confirmation_round_retrains_a_stated_recipe_with_fresh_seeds() -> None:
 
 def test_the_new_arms_join_the_verdict_grid_without_touching_its_baseline() -> None:
     """docs/experiments.md: copy experiment-arms-smelu-k8.yaml's k8-narrow arm and its sweeps into
-    experiment-verdict.yaml; every new arm is a candidate, plain-indep stays the only plain arm."""
+    experiment-verdict.yaml; every new arm is a candidate, the plain arms stay the baseline's candidates."""
     configs = REPO / "pipelines" / "configs"
     verdict = load_yaml_mapping(configs / "experiment-verdict.yaml")
     extra = load_yaml_mapping(configs / "experiment-arms-smelu-k8.yaml")
@@ -141,7 +141,7 @@ def test_the_new_arms_join_the_verdict_grid_without_touching_its_baseline() -> N
         a.name: role_of(a, arm_training_config(cfg, a, 0).to_dict() if a.kind == "model" else {})
         for a in cfg.all_arms()
     }
-    assert [n for n, r in roles.items() if r == "plain"] == ["plain-indep"]
+    assert [n for n, r in roles.items() if r == "plain"] == ["plain-indep", "plain-indep-noembl2"]
     assert {roles[n] for n in ("k8-narrow", "smelu-beta0.1", "smelu-beta1", "smelu-beta10")} == {"recipe"}
     narrow = arm_training_config(cfg, next(a for a in cfg.all_arms() if a.name == "k8-narrow"), 0)
     assert (narrow.model.components, narrow.train.batch_size, narrow.model.anchor) == (8, 1024, "none")

@@ -40,10 +40,11 @@ class IngestOptions(StrictModel):
     seed: int = Field(0, description="seed of the random split")
     max_bad_fraction: float = Field(0.01, ge=0, le=1, description="fail when more than this fraction "
                                     "of rows is quarantined")
-    workers: int = Field(1, ge=1, le=256, description="parallel worker processes (with --engine ray: the "
-                         "local Ray instance's CPUs, or the tasks at a time on a cluster; 1 means all CPUs)")
-    engine: Literal["local", "ray"] = Field("local", description="where the per-block work runs: local (this "
-                                            "process or --workers processes) or ray (Ray tasks on the cluster "
+    workers: int = Field(1, ge=1, le=256, description="parallel worker processes; 1 runs the blocks on two "
+                         "threads of this process, the fastest on 2 cores (with --engine ray: the local Ray "
+                         "instance's CPUs, or the tasks at a time on a cluster; 1 means all CPUs)")
+    engine: Literal["local", "ray"] = Field("local", description="where the per-block work runs: local (threads "
+                                            "of this process or --workers processes) or ray (Ray tasks on the cluster "
                                             "RAY_ADDRESS names, else a local Ray instance; pip install "
                                             "'ctr-ad[ray]'); the outputs are identical")
 

@@ -198,13 +198,8 @@ def count_data_lines(path: Path, layout: Layout) -> int:
 
 
 # --------------------------------------------------------------------------------------- helpers
-def _ordered_map(fn: Callable, args: Iterable[tuple], pool: Executor | None,
-                 window: int) -> Iterator[Any]:
-    """``map(fn, args)`` in order, on ``pool`` if given, with at most ``window`` tasks in flight."""
-    if pool is None:
-        for a in args:
-            yield fn(*a)
-        return
+def _ordered_map(fn: Callable, args: Iterable[tuple], pool: Executor, window: int) -> Iterator[Any]:
+    """``map(fn, args)`` in order, on ``pool``, with at most ``window`` tasks in flight."""
     pending: list[Future] = []
     for a in args:
         pending.append(pool.submit(fn, *a))
@@ -468,8 +463,7 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
                       quiet or progress is False)
         spill_dir.rmdir()
     finally:
-        if pool is not None:
-            pool.shutdown(cancel_futures=True)
+        pool.shutdown(cancel_futures=True)
         hasher.shutdown(wait=False, cancel_futures=True)  # a failed run does not hash the rest
         _load_features.cache_clear()
 
@@ -483,7 +477,7 @@ def _ingest_into(stage: Path, inputs: list[Path], layouts: list[Layout], source:
 
 def _read_file(fi: int, inputs: list[Path], layouts: list[Layout], line_offsets: list[int], plan: SplitPlan,
                spec: SourceSpec, dense: list[str], opts: IngestOptions, block_bytes: int,
-               pool: Executor | None, window: int, spill_dir: Path,
+               pool: Executor, window: int, spill_dir: Path,
                checkpoints: FileCheckpoints | None, qf: Any, bar: FileProgress,
                fit: Callable[[Any], object]) -> FileResult:
     """Pass 1 over input ``fi``: its blocks in order, checkpointed when ``checkpoints`` is given;
@@ -629,7 +623,7 @@ def _manifest(stage: Path, inputs: list[Path], input_sha256: list[str], source: 
     return manifest
 
 
-def _write_splits(stage: Path, spills: Iterable[str], features_path: str, pool: Executor | None,
+def _write_splits(stage: Path, spills: Iterable[str], features_path: str, pool: Executor,
                   window: int, quiet: bool) -> None:
     writers: dict[str, pq.ParquetWriter] = {}
     schema: pa.Schema | None = None

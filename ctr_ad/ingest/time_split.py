@@ -33,7 +33,7 @@ def _merge(parts: list[pl.DataFrame]) -> pl.DataFrame:
 
 
 def time_cuts(inputs: list[Path], layouts: list[Layout], opts: IngestOptions, block_bytes: int,
-              pool: Executor | None, window: int) -> tuple[float, float]:
+              pool: Executor, window: int) -> tuple[float, float]:
     """The (valid_from, test_from) times of a chronological split of the valid rows of ``inputs``."""
     from ctr_ad.ingest.run import _ordered_map
 

@@ -120,14 +120,18 @@ class CategoryCounter:
         return self._runs
 
     def add_counts(self, counts: dict[str, pl.DataFrame]) -> None:
+        due = []
         for f, part in counts.items():
-            part = part.cast(COUNT_SCHEMA)
+            if part.schema != COUNT_SCHEMA:
+                part = part.cast(COUNT_SCHEMA)
             self._parts[f].append(part)
             self._sizes[f] += part.estimated_size()
             if len(self._parts[f]) >= MERGE_EVERY:
-                merged = self._merged(f)
-                self._parts[f] = [merged]
-                self._sizes[f] = merged.estimated_size()
+                due.append(f)
+        # The due fields merged in one polars call, side by side, not one group-by after another.
+        for f, merged in zip(due, pl.collect_all([self._merge_query(f) for f in due]), strict=True):
+            self._parts[f] = [merged]
+            self._sizes[f] = merged.estimated_size()
         if self._budget is not None and sum(self._sizes.values()) > self._budget:
             self._spill()
 
@@ -140,7 +144,10 @@ class CategoryCounter:
             return pl.DataFrame(schema=COUNT_SCHEMA)
         if len(parts) == 1:
             return parts[0]
-        return pl.concat(parts).group_by("value").agg(pl.col("count").sum())
+        return self._merge_query(f).collect()
+
+    def _merge_query(self, f: str) -> pl.LazyFrame:
+        return pl.concat([p.lazy() for p in self._parts[f]]).group_by("value").agg(pl.col("count").sum())
 
     # ----------------------------------------------------------------------------- spilling
     def _run_path(self, run: int) -> Path:

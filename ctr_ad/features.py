@@ -454,7 +454,15 @@ class FeatureProcessor:
         )
 
     def dumps(self) -> str:
-        return json.dumps(self.to_dict(), indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+        """``json.dumps(self.to_dict(), indent=1, sort_keys=True, ensure_ascii=False)`` + newline, byte
+        for byte, but fast: with an indent, json runs its pure-Python encoder, which took 0.4 s for
+        the 530k values of a 2M-row Criteo sample while the ingest waited. The vocabularies (the last
+        key in sorted order) are spliced in with the C string encoder instead."""
+        d = self.to_dict()
+        vocab = d.pop("vocab")
+        head = json.dumps(d, indent=1, sort_keys=True, ensure_ascii=False)
+        assert head.endswith("\n}") and all(k < "vocab" for k in d)  # "vocab" sorts last
+        return f'{head[:-2]},\n "vocab": {_indented_vocab(vocab)}\n}}\n'
 
     def save(self, path: Path) -> None:
         tmp = Path(str(path) + ".tmp")
@@ -468,6 +476,20 @@ class FeatureProcessor:
             return cls.from_dict(json.loads(path.read_text(encoding="utf-8")))
         except (OSError, ValueError, KeyError, TypeError, UserError) as exc:
             raise UserError(f"{path}: not a valid features.json ({exc})") from None
+
+
+def _indented_vocab(vocab: dict[str, list[str]]) -> str:
+    """``vocab`` as ``json.dumps`` writes it with ``indent=1``, ``sort_keys`` and ``ensure_ascii=False``
+    two levels deep (the value of a top-level key)."""
+    if not vocab:
+        return "{}"
+    quote = json.encoder.encode_basestring  # the C encoder of one string, as json.dumps uses it
+    fields = []
+    for name in sorted(vocab):
+        values = vocab[name]
+        body = "[\n   " + ",\n   ".join(map(quote, values)) + "\n  ]" if values else "[]"
+        fields.append(f"  {quote(name)}: {body}")
+    return "{\n" + ",\n".join(fields) + "\n }"
 
 
 def _check_dense_stats(dense: list[str], stats: dict[str, Any]) -> None:

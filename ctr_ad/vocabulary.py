@@ -17,7 +17,9 @@ Only the kept values (at most N per capped field) are held while partitions are 
 from __future__ import annotations
 
 import shutil
+from collections import deque
 from collections.abc import Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import polars as pl
@@ -186,11 +188,16 @@ class CategoryCounter:
                     writer.write_batch(piece.to_arrow().cast(schema).combine_chunks().to_batches()[0])
         self._runs += 1
 
-    def _merged_partition(self, readers: list[pa.ipc.RecordBatchFileReader], partition: int) -> pl.DataFrame:
-        """Exact counts of one partition over every run: (field, value, count), a row per value."""
+    def _merged_partition(self, partition: int) -> pl.DataFrame:
+        """Exact counts of one partition over every run: (field, value, count), a row per value.
+
+        Each call opens the runs itself (an IPC file reader is not shared between threads), with
+        plain reads, not memory maps: every mapped page a partition touched would stay in the
+        process's RSS, so a merge over all partitions grew to the size of all the runs."""
         acc: list[pl.DataFrame] = []
-        for reader in readers:
-            batch = reader.get_batch(partition)
+        for run in range(self._runs):
+            with pa.OSFile(str(self._run_path(run))) as file:
+                batch = pa.ipc.open_file(file).get_batch(partition)
             if batch.num_rows:
                 acc.append(pl.from_arrow(batch))
             if len(acc) >= MERGE_RUNS_EVERY:
@@ -210,16 +217,17 @@ class CategoryCounter:
         wanted = dict(enumerate(fields))
         kept: dict[str, list[pl.DataFrame]] = {f: [] for f in fields}
         kept_rows: dict[str, int] = dict.fromkeys(fields, 0)
-        # Plain reads, not memory maps: every mapped page a partition touched would stay in the
-        # process's RSS, so a merge over all partitions grew to the size of all the runs.
-        files = [pa.OSFile(str(self._run_path(r))) for r in range(self._runs)]
-        try:
-            readers = [pa.ipc.open_file(f) for f in files]
+        # Two partitions merged at a time, on threads (polars and Arrow release the GIL): the merge
+        # runs while the rest of the ingest waits, and holds 2/64 of the values, not 1/64. Results
+        # are taken in partition order, so the vocabularies never depend on timing.
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="count-merge") as pool:
+            pending: deque[Future] = deque()
             for p in range(PARTITIONS):
-                self._select_partition(self._merged_partition(readers, p), min_count, caps, wanted, kept, kept_rows)
-        finally:
-            for f in files:
-                f.close()
+                pending.append(pool.submit(self._merged_partition, p))
+                if len(pending) == 2:
+                    self._select_partition(pending.popleft().result(), min_count, caps, wanted, kept, kept_rows)
+            while pending:
+                self._select_partition(pending.popleft().result(), min_count, caps, wanted, kept, kept_rows)
         out = {}
         for f in fields:
             counts = pl.concat(kept[f]) if kept[f] else pl.DataFrame(schema=COUNT_SCHEMA)

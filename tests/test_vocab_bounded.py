@@ -241,3 +241,19 @@ def test_criteo1tb_profile_is_seeded_and_has_its_cardinalities():
     assert distinct["C6"] == 3 and distinct["C17"] == 4  # the tiny fields are all seen
     with pytest.raises(UserError, match="unknown synthetic profile 'criteo2tb'"):
         generate_block(7, 0, 10, "criteo2tb")
+
+
+def test_features_file_is_the_indented_json_byte_for_byte(criteo_train):
+    """``dumps`` splices the vocabularies in with the C encoder; the file must stay what
+    ``json.dumps(indent=1, sort_keys=True)`` writes, or every dataset's fingerprint would change."""
+    import json
+
+    fp = FeatureProcessor("criteo", "label", CRITEO_CATEGORICAL, [], "log1p", 2).fit(criteo_train)
+    reference = json.dumps(fp.to_dict(), indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+    assert sum(map(len, fp.vocab.values())) > 1000  # real vocabularies, not a toy
+    assert fp.dumps() == reference
+    # Quotes, backslashes, control and non-ASCII characters, empty values and an empty vocabulary.
+    fp.vocab["C1"] = ['say "hi"', "back\\slash", "tab\tnew\nline", "ü € \u2028", ""]
+    fp.vocab["C2"] = []
+    assert fp.dumps() == json.dumps(fp.to_dict(), indent=1, sort_keys=True, ensure_ascii=False) + "\n"
+    assert FeatureProcessor.from_dict(json.loads(fp.dumps())).vocab["C1"][0] == 'say "hi"'

@@ -18,7 +18,7 @@ Publishing is all or nothing: everything is written to a hidden staging director
 (``.<name>.ingest-tmp-<pid>``, spills included), ``manifest.json`` last, and the staging directory then
 replaces ``out`` as a whole. A failed or killed run leaves an existing ``out`` untouched; its staging
 directory is removed on exit, after ``kill -9`` by a janitor process, and by the next run on start.
-Disk needed: the spills (LZ4-compressed Arrow) take about 0.6x the uncompressed input, plus the
+Disk needed: the spills (LZ4-compressed Arrow) take about 0.6-0.7x the uncompressed input, plus the
 new outputs, while the old dataset stays in place until the swap.
 """
 
@@ -155,10 +155,11 @@ def _parse_count_spill(task: BlockTask, plan: SplitPlan, categorical: list[str],
     frame = frame.with_columns(_split=pl.Series(codes, dtype=pl.Int8))
     train = frame.filter(pl.col("_split") == 0) if (codes != 0).any() else frame
     statistics = FeatureProcessor.fit_statistics(train, categorical, dense, transform)
-    # Arrow IPC with LZ4, strings as views (polars' own layout: no conversion to offsets on write
-    # or read, and Criteo's 8-byte values sit inside their views): on Criteo rows 142 bytes a row
-    # against 222 as offset strings (the input has 244) and 40 % less CPU to write and read back.
-    # zstd would halve the size at twice the cost.
+    # Arrow IPC with LZ4, strings as views: polars' own layout, so nothing is converted on write or
+    # read, and Criteo's 8-byte values sit inside their views: 150 bytes a row of the criteo1tb
+    # profile (the input has 244) against 230 with offset strings (CompatLevel.oldest), which also
+    # costs 40 % more CPU to write and read back. It is polars' default today; named here so that a
+    # change of default cannot silently grow the spills. zstd would halve the size at twice the cost.
     frame.write_ipc(task.spill, compression=SPILL_COMPRESSION, compat_level=pl.CompatLevel.newest())
     per_split = np.bincount(codes, minlength=len(SPLITS)).tolist()
     return frame.height, per_split, parsed.lines_read, parsed.quarantine, statistics

@@ -7,7 +7,8 @@ An experiment config (YAML, every section ``extra=forbid``)::
     replicas: 3                  # R ≥ 2 (3+ for a report): replica r uses seed_init = seed_data = seed + r
     seed: 0
     top_fractions: [0.01, 0.1]   # ranking churn of the top 1 % and 10 % rows
-    logloss_tolerance: 0.003     # best-arm rule (see select_best)
+    logloss_tolerance: 0.003     # best-arm rule (see select_best) and the goal's logloss condition
+    selection_logloss_tolerance: 0.0015  # optional: choose on validation with a margin (default: as above)
     arms:
       - {name: single, set: {model.components: 1}}
       - {name: plain-shared, set: {anti_distillation.data_order: shared}}
@@ -186,6 +187,11 @@ class ExperimentConfig(StrictModel):
     seed: int = Field(0, ge=0)
     top_fractions: list[float] = Field(default_factory=lambda: list(M.DEFAULT_TOP_FRACTIONS))
     logloss_tolerance: float = Field(0.003, ge=0.0)
+    selection_logloss_tolerance: float | None = Field(
+        None, ge=0.0, description="the logloss tolerance the arms are chosen with on validation rows (None = "
+        "logloss_tolerance). Smaller than logloss_tolerance leaves a margin: the arm chosen at the edge of the "
+        "tolerance on validation tends to land just outside it on fresh test rows (winner's curse)"
+    )
     pd_rel_goal: float = Field(0.5, gt=0.0, description="goal: pd_rel at most this × the baseline's")
     confirm: bool = Field(True, description="retrain the chosen arms and the baseline with fresh seeds")
     confirm_replicas: int | None = Field(None, ge=2, description="replicas of the confirmation round (None = replicas)")
@@ -507,7 +513,8 @@ def write_results(
     stated = confirmation or arms
     probs = {name: _test_probs(exp, name if not confirmation else _confirm_name(name), a["replicas"])
              for name, a in stated.items() if a["kind"] == "model"}
-    verdict = decide_verdict(arms, cfg.logloss_tolerance, cfg.pd_rel_goal, probs, confirmation, seed=cfg.seed)
+    verdict = decide_verdict(arms, cfg.logloss_tolerance, cfg.pd_rel_goal, probs, confirmation, seed=cfg.seed,
+                             select_tolerance=cfg.selection_logloss_tolerance)
     manifest_path = DataDir(data_dir).manifest
     results = {
         "format": 2,
@@ -608,7 +615,8 @@ def _log_arm(name: str, s: dict[str, Any]) -> None:
 
 def _confirmation_arms(cfg: ExperimentConfig, arms: dict[str, dict[str, Any]]) -> list[ArmSpec]:
     """Fresh-seed copies of the arms the verdict rests on: the recipe, the best AD arm, the baseline."""
-    chosen = decide_verdict(arms, cfg.logloss_tolerance, cfg.pd_rel_goal)
+    chosen = decide_verdict(arms, cfg.logloss_tolerance, cfg.pd_rel_goal,
+                            select_tolerance=cfg.selection_logloss_tolerance)
     names = [n for n in (chosen.baseline_arm, chosen.recipe_arm, chosen.ad_arm) if n]
     by_name = {a.name: a for a in cfg.all_arms()}
     return [by_name[n].model_copy(update={"name": _confirm_name(n), "seed_offset": cfg.confirm_seed_offset})

@@ -114,14 +114,17 @@ def _compare(probs: dict[str, list[np.ndarray]], arms: dict[str, dict[str, Any]]
 
 def decide_verdict(arms: dict[str, dict[str, Any]], tolerance: float, goal: float,
                    test_probs: dict[str, list[np.ndarray]] | None = None,
-                   confirmation: dict[str, dict[str, Any]] | None = None, seed: int = 0) -> Verdict:
+                   confirmation: dict[str, dict[str, Any]] | None = None, seed: int = 0,
+                   select_tolerance: float | None = None) -> Verdict:
     """Choose on validation (``arms``); state the ratios on test rows of ``confirmation`` (arms keyed by
     the same names, retrained with fresh seeds) or, without one, of ``arms`` themselves.
     ``test_probs`` maps arm name → the test probabilities of its replicas (of the confirmation round
-    when there is one); without it the intervals are left out."""
-    recipe, rule = select_best(arms, tolerance, "valid")
-    base = select_baseline(arms, tolerance, "valid")
-    ad, _ = select_best(arms, tolerance, "valid", roles=(AD_ROLE,))
+    when there is one); without it the intervals are left out. The arms are chosen within
+    ``select_tolerance`` (default ``tolerance``) on validation; the goal is judged with ``tolerance``."""
+    chosen_with = tolerance if select_tolerance is None else select_tolerance
+    recipe, rule = select_best(arms, chosen_with, "valid")
+    base = select_baseline(arms, chosen_with, "valid")
+    ad, _ = select_best(arms, chosen_with, "valid", roles=(AD_ROLE,))
     stated = confirmation if confirmation else arms
     verdict = Verdict(recipe_arm=recipe, baseline_arm=base, ad_arm=ad, rule=rule, logloss_tolerance=tolerance,
                       pd_rel_goal=goal, confirmed=bool(confirmation))

@@ -203,7 +203,8 @@ def log_experiment(cfg: TrackingConfig, exp_dir: Path, results: Mapping[str, Any
                {"ctr_ad.command": "experiment", "ctr_ad.exp_dir": str(exp_dir.resolve()), **cfg.tags})
     ok = False
     try:
-        settings = {k: experiment.get(k) for k in ("replicas", "seed", "logloss_tolerance", "pd_rel_goal", "confirm",
+        settings = {k: experiment.get(k) for k in ("replicas", "seed", "logloss_tolerance",
+                                                   "selection_logloss_tolerance", "pd_rel_goal", "confirm",
                                                    "confirm_replicas", "top_fractions")}
         verdict = results.get("verdict", {})
         run.params({**settings, "arms": sorted(results.get("arms", {})), "data_dir": results.get("data_dir"),

@@ -188,6 +188,25 @@ def test_verdict_chosen_on_validation_stated_with_a_bootstrap_interval() -> None
     assert v.recipe_arm == "p" and v.ad_arm is None and not v.ad_goal_met
 
 
+def test_selection_tolerance_leaves_a_margin_the_goal_does_not() -> None:
+    """With ``select_tolerance`` smaller than the goal's tolerance, an arm at the edge of the goal's
+    tolerance on validation is passed over for one with room, while the goal is still judged at 0.3 %."""
+    def arm(role: str, valid_ll: float, pd_rel: float, test_ll: float) -> dict:
+        def stats(ll: float) -> dict:
+            return {"accuracy": {"logloss": {"mean": ll}}, "pd": {"pd_rel": {"mean": pd_rel}}}
+        return {"role": role, "kind": "model", "replicas": 3, **stats(test_ll), "valid": stats(valid_ll)}
+
+    arms = {"base": arm("plain", 0.4550, 0.056, 0.4545),
+            "edge": arm("recipe", 0.4559, 0.026, 0.4561),  # 1.0020 × on validation, 1.0035 × on test
+            "room": arm("recipe", 0.4555, 0.028, 0.4555)}  # 1.0011 ×, 1.0022 ×
+    at_edge = decide_verdict(arms, tolerance=0.003, goal=0.5)
+    assert at_edge.recipe_arm == "edge" and not at_edge.goal_met  # PD halved, logloss 1.0035 > 1.003
+    margin = decide_verdict(arms, tolerance=0.003, goal=0.5, select_tolerance=0.0015)
+    assert margin.recipe_arm == "room" and margin.baseline_arm == "base"
+    assert margin.logloss_ratio == pytest.approx(0.4555 / 0.4545) and margin.goal_met
+    assert margin.logloss_tolerance == 0.003 and "(1 + 0.0015)" in margin.rule
+
+
 def test_frequency_buckets(report: Path) -> None:
     data_dir = report.parent.parent / "data"
     buckets, labels = frequency_buckets(data_dir)

@@ -5,7 +5,8 @@ merged in memory while the merged counts fit a memory budget; past it, all merge
 to disk as one *run*, hash-partitioned by value into :data:`PARTITIONS` Arrow files, and memory starts
 empty again. When the vocabularies are asked for, each partition is merged on its own (a group-by sum
 over its runs): a value always falls in the same partition, so those sums are the exact totals, and
-merging needs memory for about one partition's distinct values (1/64 of the total), not all of them.
+merging needs memory for about two partitions' distinct values (2/64 of the total: two are merged at
+a time, on threads), not all of them.
 
 Selection, the same whichever way the counts were held: the values seen at least ``min_count`` times,
 ordered by count (descending) then by value (ascending, byte order of the UTF-8 text). That order is
@@ -27,7 +28,7 @@ import pyarrow as pa
 
 from ctr_ad.errors import UserError
 
-#: Hash partitions of a spilled run; merging holds one partition (≈ 1/64 of the distinct values).
+#: Hash partitions of a spilled run; merging holds two partitions at a time (≈ 2/64 of the distinct values).
 PARTITIONS = 64
 #: Per-field count frames are merged once this many are pending (bounds their number, not their size).
 MERGE_EVERY = 4

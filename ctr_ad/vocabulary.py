@@ -18,15 +18,15 @@ Only the kept values (at most N per capped field) are held while partitions are 
 from __future__ import annotations
 
 import shutil
-from collections import deque
 from collections.abc import Mapping
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import polars as pl
 import pyarrow as pa
 
 from ctr_ad.errors import UserError
+from ctr_ad.ingest.executor import ordered_map
 
 #: Hash partitions of a spilled run; merging holds two partitions at a time (≈ 2/64 of the distinct values).
 PARTITIONS = 64
@@ -222,13 +222,8 @@ class CategoryCounter:
         # runs while the rest of the ingest waits, and holds 2/64 of the values, not 1/64. Results
         # are taken in partition order, so the vocabularies never depend on timing.
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="count-merge") as pool:
-            pending: deque[Future] = deque()
-            for p in range(PARTITIONS):
-                pending.append(pool.submit(self._merged_partition, p))
-                if len(pending) == 2:
-                    self._select_partition(pending.popleft().result(), min_count, caps, wanted, kept, kept_rows)
-            while pending:
-                self._select_partition(pending.popleft().result(), min_count, caps, wanted, kept, kept_rows)
+            for merged in ordered_map(self._merged_partition, ((p,) for p in range(PARTITIONS)), pool, 2):
+                self._select_partition(merged, min_count, caps, wanted, kept, kept_rows)
         out = {}
         for f in fields:
             counts = pl.concat(kept[f]) if kept[f] else pl.DataFrame(schema=COUNT_SCHEMA)

@@ -12,9 +12,10 @@ main process, so what runs a block never changes what is written. Two engines:
 from __future__ import annotations
 
 import os
-from concurrent.futures import Executor, ProcessPoolExecutor, ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from multiprocessing import get_context
-from typing import Literal
+from typing import Any, Literal
 
 from ctr_ad.ingest.lifecycle import worker_init
 
@@ -51,3 +52,14 @@ def open_executor(engine: str, workers: int) -> tuple[Executor, int]:
     pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=worker_init,
                                initargs=(os.getpid(),))
     return pool, 2 * workers
+
+
+def ordered_map(fn: Callable, args: Iterable[tuple], pool: Executor, window: int) -> Iterator[Any]:
+    """``map(fn, args)`` in order, on ``pool``, with at most ``window`` tasks in flight."""
+    pending: list[Future] = []
+    for a in args:
+        pending.append(pool.submit(fn, *a))
+        if len(pending) >= window:
+            yield pending.pop(0).result()
+    for fut in pending:
+        yield fut.result()

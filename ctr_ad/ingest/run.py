@@ -39,7 +39,7 @@ import sys
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,7 +54,7 @@ from ctr_ad.errors import UserError
 from ctr_ad.features import FeatureProcessor
 from ctr_ad.files import atomic_write_text, replace_dir, utc_timestamp
 from ctr_ad.hashing import sha256_file
-from ctr_ad.ingest.executor import check_engine, open_executor
+from ctr_ad.ingest.executor import check_engine, open_executor, ordered_map
 from ctr_ad.ingest.lifecycle import Janitor, remove_stale_staging, staging_dir
 from ctr_ad.ingest.options import IngestOptions
 from ctr_ad.ingest.progress import FileProgress, progress_wanted
@@ -201,17 +201,6 @@ def count_data_lines(path: Path, layout: Layout) -> int:
 
 
 # --------------------------------------------------------------------------------------- helpers
-def _ordered_map(fn: Callable, args: Iterable[tuple], pool: Executor, window: int) -> Iterator[Any]:
-    """``map(fn, args)`` in order, on ``pool``, with at most ``window`` tasks in flight."""
-    pending: list[Future] = []
-    for a in args:
-        pending.append(pool.submit(fn, *a))
-        if len(pending) >= window:
-            yield pending.pop(0).result()
-    for fut in pending:
-        yield fut.result()
-
-
 def _progress(iterable: Iterable, quiet: bool, desc: str) -> Iterable:
     """A tqdm bar on an interactive stderr (never in logs or tests)."""
     if quiet or not sys.stderr.isatty():
@@ -509,7 +498,7 @@ def _read_file(fi: int, inputs: list[Path], layouts: list[Layout], line_offsets:
             yield task, plan, list(spec.categorical), dense, spec.dense_transform
 
     try:
-        for good, per_split, read, bad, statistics in _ordered_map(_parse_count_spill, tasks(), pool, window):
+        for good, per_split, read, bad, statistics in ordered_map(_parse_count_spill, tasks(), pool, window):
             fit(statistics)
             if kept is not None:
                 kept.append(statistics)
@@ -631,7 +620,7 @@ def _write_splits(stage: Path, spills: Iterable[str], features_path: str, pool: 
     writers: dict[str, pq.ParquetWriter] = {}
     schema: pa.Schema | None = None
     try:
-        parts_iter = _ordered_map(_transform_block, ((sp, features_path) for sp in spills), pool, window)
+        parts_iter = ordered_map(_transform_block, ((sp, features_path) for sp in spills), pool, window)
         for parts in _progress(parts_iter, quiet, "ingest: write"):
             for name, part in zip(SPLITS, parts, strict=True):
                 table = part.to_arrow()

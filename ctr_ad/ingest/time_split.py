@@ -16,6 +16,7 @@ from pathlib import Path
 import polars as pl
 
 from ctr_ad.errors import UserError
+from ctr_ad.ingest.executor import ordered_map
 from ctr_ad.ingest.options import IngestOptions
 from ctr_ad.ingest.reader import Layout, iter_blocks, parse_block
 
@@ -35,15 +36,13 @@ def _merge(parts: list[pl.DataFrame]) -> pl.DataFrame:
 def time_cuts(inputs: list[Path], layouts: list[Layout], opts: IngestOptions, block_bytes: int,
               pool: Executor, window: int) -> tuple[float, float]:
     """The (valid_from, test_from) times of a chronological split of the valid rows of ``inputs``."""
-    from ctr_ad.ingest.run import _ordered_map
-
     def tasks():
         for path, lay in zip(inputs, layouts, strict=True):
             for first_line, block, long_lines in iter_blocks(path, lay, block_bytes):
                 yield lay, first_line, block, long_lines
 
     parts: list[pl.DataFrame] = []
-    for counts in _ordered_map(_block_time_counts, tasks(), pool, window):
+    for counts in ordered_map(_block_time_counts, tasks(), pool, window):
         parts.append(counts)
         if len(parts) >= MERGE_EVERY:
             parts = [_merge(parts)]

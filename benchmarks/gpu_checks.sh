@@ -9,16 +9,24 @@
 #
 # Every check runs even after one fails (a lease is short: one run should report everything); the
 # summary at the end names the failed ones and the script then exits 1.
-# Python packages the GPU image lacks travel as wheels in .whl/ (see benchmarks/README.md).
+# Python packages the GPU image lacks travel either as wheels in .whl/ or, when the wheels are too big to
+# travel (polars' runtime alone is 54 MB), as one xz tarball of them installed: .gpusite/site.tar.xz
+# (34 MB; how to build it: benchmarks/README.md, "GPU").
+# The whole output is also kept in $OUT/gpu-checks.log.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/gpu-out}
 mkdir -p "$OUT"
+exec > >(tee "$OUT/gpu-checks.log") 2>&1
 WORK=$(mktemp -d)
 PY=${PY:-python3}
 DEVICE=${DEVICE:-cuda}   # DEVICE=cpu QUICK=1 checks the script itself on a machine without a GPU
 QUICK=${QUICK:-0}
-if [ -d .whl ] && [ -z "${NO_WHEELS:-}" ]; then
+LONG_STEP_LIMIT=${LONG_STEP_LIMIT:-240}   # seconds for each scale step, so that the summary always prints
+if [ -f .gpusite/site.tar.xz ] && [ -z "${NO_WHEELS:-}" ]; then
+  mkdir -p /tmp/site && tar -C /tmp/site -xJf .gpusite/site.tar.xz || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+elif [ -d .whl ] && [ -z "${NO_WHEELS:-}" ]; then
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
     || exit 1
   export PYTHONPATH=/tmp/site:$PWD
@@ -123,13 +131,13 @@ if [ "$QUICK" = 1 ]; then
     --out "$OUT/train-$DEVICE-quick.json"
   finish
 fi
-check bench-train $PY benchmarks/bench_train.py --device $DEVICE --ks 1 4 8 --batches 4096 512 --check \
-  --out "$OUT/train-$DEVICE.json"
+check bench-train timeout $LONG_STEP_LIMIT $PY benchmarks/bench_train.py --device $DEVICE --ks 1 4 8 --batches 4096 512 \
+  --check --out "$OUT/train-$DEVICE.json"
 
 step "product training loop at scale on CUDA: 2M synthetic rows, criteo config, 1 epoch"
 check synth $CTR synth --rows 2000000 --seed 11 --out "$WORK/s2m.tsv"
 check ingest-2m $CTR ingest --source synthetic --input "$WORK/s2m.tsv" --out "$WORK/s2m" --workers 8 --quiet
-check train-2m tee_to "$OUT/train-$DEVICE-2m.json" $CTR train --data "$WORK/s2m" --config pipelines/configs/criteo.yaml --out "$WORK/run-2m" \
-  --device $DEVICE --no-progress --set train.epochs=1
+check train-2m tee_to "$OUT/train-$DEVICE-2m.json" timeout $LONG_STEP_LIMIT $CTR train --data "$WORK/s2m" \
+  --config pipelines/configs/criteo.yaml --out "$WORK/run-2m" --device $DEVICE --no-progress --set train.epochs=1
 cp "$WORK/run-2m/metrics.jsonl" "$OUT/train-$DEVICE-2m-metrics.jsonl" 2>/dev/null
 finish

@@ -424,6 +424,26 @@ def test_long_lines_across_block_boundaries(tmp_path, block_bytes):
     assert got.equals(reader.read_raw([clean], "criteo")[0].drop("_line"))
 
 
+@settings(max_examples=300, deadline=None)
+@given(lengths=st.lists(st.integers(0, 60), min_size=1, max_size=40), limit=st.integers(1, 25))
+def test_long_lines_found_inside_a_block_whatever_their_place(lengths, limit):
+    """Inside one block (bigger than the limit), exactly the lines over ``max_line_bytes`` become empty
+    lines and are reported; the quick window check in front of the exact scan never hides one."""
+    from ctr_ad.ingest import reader
+
+    lines = [bytes([97 + i % 26]) * n for i, n in enumerate(lengths)]
+    block = b"\n".join(lines)
+    blanked, found = reader._blank_long_lines(block, 10, limit, [])
+    long_ones = [i for i, line in enumerate(lines) if len(line) > limit]
+    if len(block) > limit:
+        assert [x.line for x in found] == [10 + i for i in long_ones]
+        assert [x.length for x in found] == [lengths[i] for i in long_ones]
+        assert blanked == b"\n".join(b"" if i in long_ones else line for i, line in enumerate(lines))
+        assert reader._may_hold_long_line(block, limit) or not long_ones
+    else:  # a block no longer than the limit cannot hold a long line
+        assert (blanked, found) == (block, ())
+
+
 # ------------------------------------------------------------------------------ item 14 (part)
 def test_one_and_two_workers_write_identical_bytes_quarantine_included(tmp_path):
     lines = TRAIN.read_bytes().split(b"\n")[:-1]

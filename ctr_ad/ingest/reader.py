@@ -213,7 +213,7 @@ def iter_line_blocks(
                 carry = b""
             continue
         # One copy of the block (carry + head); the tail after the last newline is small.
-        block = carry + data[:cut] if carry else data[:cut]
+        block = b"".join((carry, memoryview(data)[:cut]))
         carry = data[cut + 1 :]
         block, long_lines = _blank_long_lines(block, line_no, max_line_bytes, pending)
         pending = []
@@ -226,11 +226,22 @@ def iter_line_blocks(
         yield line_no, block, long_lines
 
 
+def _may_hold_long_line(block: bytes, max_line_bytes: int) -> bool:
+    """False when no line of ``block`` is longer than ``max_line_bytes``, at the cost of a few
+    ``find`` calls instead of a scan of every byte (a quarter of the block reader's time).
+
+    A line of more than ``max_line_bytes`` bytes holds at least one whole window
+    ``[k * h, (k + 1) * h)`` with ``h = max_line_bytes // 2`` and no newline in it; so if every whole
+    window has a newline, there is no long line. True means "maybe": the caller then looks exactly."""
+    h = max(max_line_bytes // 2, 1)
+    return any(block.find(b"\n", start, start + h) < 0 for start in range(0, len(block) - h + 1, h))
+
+
 def _blank_long_lines(
     block: bytes, first_line: int, max_line_bytes: int, known: list[LongLine]
 ) -> tuple[bytes, tuple[LongLine, ...]]:
     """Replace the lines of ``block`` longer than ``max_line_bytes`` by empty lines."""
-    if len(block) <= max_line_bytes:
+    if len(block) <= max_line_bytes or not _may_hold_long_line(block, max_line_bytes):
         return block, tuple(known)
     data = np.frombuffer(block, dtype=np.uint8)
     ends = np.append(np.flatnonzero(data == 10), len(data))

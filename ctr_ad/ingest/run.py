@@ -155,7 +155,8 @@ def _parse_count_spill(task: BlockTask, plan: SplitPlan, categorical: list[str],
     frame = frame.with_columns(_split=pl.Series(codes, dtype=pl.Int8))
     train = frame.filter(pl.col("_split") == 0) if (codes != 0).any() else frame
     statistics = FeatureProcessor.fit_statistics(train, categorical, dense, transform)
-    _write_spill(frame, task.spill)
+    # Pass 2 needs the split, the label and the features: not the line numbers nor the times.
+    _write_spill(frame.drop(["_line", "_time"], strict=False), task.spill)
     per_split = np.bincount(codes, minlength=len(SPLITS)).tolist()
     return frame.height, per_split, parsed.lines_read, parsed.quarantine, statistics
 

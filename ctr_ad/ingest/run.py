@@ -165,8 +165,9 @@ def _write_spill(frame: pl.DataFrame, path: str) -> None:
     """One block's spill: Arrow IPC with LZ4, strings as views.
 
     Views are polars' own layout, so nothing is converted on write or read, and Criteo's 8-byte values
-    sit inside their views: 150 bytes a row of the criteo1tb profile (the input has 244) against 230
-    with offset strings (CompatLevel.oldest), which also cost 40 % more CPU to write and read back.
+    sit inside their views: 146 bytes a row of the criteo1tb profile and 138 of the default one (the
+    input has 244) against 226 and 218 with offset strings (CompatLevel.oldest), which also cost 40 %
+    more CPU to write and read back.
     Named explicitly so that a change of polars' default cannot silently grow the spills. zstd would
     halve the size at 1.5 x the cost. pyarrow's writer would cost 0.8 x the CPU (2.3 -> 1.8 CPU-s per
     2M Criteo rows) but raised the peak memory of an ingest by 40-60 MiB, so polars writes."""

@@ -22,7 +22,11 @@ RUN pip install ${TORCH_SPEC}
 COPY pyproject.toml README.md ./
 COPY ctr_ad ./ctr_ad
 COPY service ./service
-RUN pip install ".${EXTRAS}" "uvicorn[standard]" orjson
+# A C compiler only while the project installs: it builds the ingest's compiled loops
+# (ctr_ad/_kernels.c; without them ingest takes its slower polars path).
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+ && pip install ".${EXTRAS}" "uvicorn[standard]" orjson \
+ && apt-get purge -y --auto-remove gcc libc6-dev && rm -rf /var/lib/apt/lists/*
 COPY pipelines ./pipelines
 COPY data ./data
 COPY deploy ./deploy

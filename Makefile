@@ -8,7 +8,7 @@ TORCH_SPEC ?= torch==2.13.0
 
 .PHONY: venv demo test lint bench bench-ingest bench-ingest-speed bench-ingest-memory bench-ingest-ray bench-train bench-train-quick bench-loader bench-threads bench-component-parallel bench-serve clean
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml ctr_ad/_kernels.c
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH_SPEC)

@@ -162,7 +162,8 @@ def source_fingerprint() -> str:
 
     h = hashlib.sha256()
     files = [*sorted((ROOT / "ctr_ad" / "ingest").glob("*.py")),
-             ROOT / "ctr_ad" / "features.py", ROOT / "ctr_ad" / "schema.py"]
+             ROOT / "ctr_ad" / "features.py", ROOT / "ctr_ad" / "schema.py", ROOT / "ctr_ad" / "vocabulary.py",
+             ROOT / "ctr_ad" / "native.py", ROOT / "ctr_ad" / "_kernels.c"]
     for f in files:
         h.update(f.relative_to(ROOT).as_posix().encode() + b"\0" + f.read_bytes() + b"\0")
     return h.hexdigest()
@@ -420,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     equivalence, fingerprints, baseline_summary = measure_rounds(configs, inputs, args, work)
 
     targets, ratios = speed_figures(configs, flat_pair, args)
+    from ctr_ad import native
+
     result = {
         "benchmark": "ingest",
         "started_at": started,
@@ -430,7 +433,9 @@ def main(argv: list[str] | None = None) -> int:
                      "seed": args.seed, "quick": args.quick, "workers_alt": args.workers_alt,
                      "rss": "peak of the summed RSS of the process tree, sampled every 20 ms "
                             "(or a single process's kernel high-water mark VmHWM if higher)",
-                     "wall": "whole process: interpreter start-up, imports, ingest, exit"},
+                     "wall": "whole process: interpreter start-up, imports, ingest, exit",
+                     # ours with ctr_ad/_kernels.c compiled (False: the polars/numpy path)
+                     "compiled_kernels": native.available()},
         "configs": {c.name: {"kind": c.kind, "rows": c.rows, "workers": c.workers,
                              "median_wall_s": round(c.median_wall(), 3),
                              "wall_s": c.wall_spread(),

@@ -1,0 +1,138 @@
+/* Compiled loops of the ingest, called through ctypes (ctr_ad/native.py): plain C, no Python API,
+ * so that calls release the GIL and the block threads run them side by side.
+ *
+ * Strings arrive as Arrow string views, the layout polars keeps them in: 16 bytes a value, a
+ * 32-bit length, then the value itself when it is 12 bytes or shorter, else its first 4 bytes, the
+ * index of the data buffer holding it and its offset there. Bytes past a short value inside its
+ * view are masked off before hashing or comparing, so nothing depends on how a writer padded them.
+ */
+#include <stdint.h>
+#include <string.h>
+
+static inline uint64_t mix(uint64_t z) {
+    /* splitmix64's finalizer: every input bit reaches every output bit */
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+static inline uint32_t view_len(const uint64_t *v) { return (uint32_t)(v[0] & 0xFFFFFFFFULL); }
+
+/* The two words of an inline view with the bytes past the value cleared. */
+static inline void inline_words(const uint64_t *v, uint64_t *w0, uint64_t *w1) {
+    uint32_t n = view_len(v);
+    if (n < 4) {
+        *w0 = v[0] & ((1ULL << (32 + 8 * n)) - 1);
+        *w1 = 0;
+    } else if (n < 12) {
+        *w0 = v[0];
+        *w1 = v[1] & ((1ULL << (8 * (n - 4))) - 1);
+    } else {
+        *w0 = v[0];
+        *w1 = v[1];
+    }
+}
+
+static inline const uint8_t *long_bytes(const uint64_t *v, const uint8_t *const *buffers) {
+    return buffers[(uint32_t)(v[1] & 0xFFFFFFFFULL)] + (uint32_t)(v[1] >> 32);
+}
+
+static inline uint64_t hash_view(const uint64_t *v, const uint8_t *const *buffers) {
+    uint32_t n = view_len(v);
+    if (n <= 12) {
+        uint64_t w0, w1;
+        inline_words(v, &w0, &w1);
+        return mix(w0 * 0x9E3779B97F4A7C15ULL ^ mix(w1 + 0x9E3779B97F4A7C15ULL));
+    }
+    const uint8_t *p = long_bytes(v, buffers);
+    uint64_t h = (uint64_t)n * 0x9E3779B97F4A7C15ULL;
+    uint32_t k = 0;
+    for (; k + 8 <= n; k += 8) {
+        uint64_t w;
+        memcpy(&w, p + k, 8);
+        h = mix(h ^ w);
+    }
+    uint64_t tail = 0;
+    memcpy(&tail, p + k, n - k);
+    return mix(h ^ tail);
+}
+
+static inline int same_value(const uint64_t *a, const uint8_t *const *abuf, const uint64_t *b,
+                             const uint8_t *const *bbuf) {
+    uint32_t n = view_len(a);
+    if (n != view_len(b)) return 0;
+    if (n <= 12) {
+        uint64_t a0, a1, b0, b1;
+        inline_words(a, &a0, &a1);
+        inline_words(b, &b0, &b1);
+        return a0 == b0 && a1 == b1;
+    }
+    if (a[0] != b[0]) return 0; /* length and first 4 bytes */
+    return memcmp(long_bytes(a, abuf), long_bytes(b, bbuf), n) == 0;
+}
+
+/* A table of n distinct strings: open addressing with linear probing, slot -> position (-1 empty).
+ * n_slots is a power of two above n. */
+void ctr_index_build(const uint64_t *views, int64_t n, const uint8_t *const *buffers, int32_t *slots,
+                     int64_t n_slots) {
+    uint64_t mask = (uint64_t)n_slots - 1;
+    for (int64_t s = 0; s < n_slots; s++) slots[s] = -1;
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t j = hash_view(views + 2 * i, buffers) & mask;
+        while (slots[j] != -1) j = (j + 1) & mask;
+        slots[j] = (int32_t)i;
+    }
+}
+
+/* Codes of n values: first + position for a value in the table, missing for a null (validity bit
+ * clear; validity may be NULL), unknown for any other value. */
+void ctr_index_probe(const int32_t *slots, int64_t n_slots, const uint64_t *table_views,
+                     const uint8_t *const *table_buffers, const uint64_t *views, const uint8_t *validity,
+                     int64_t validity_offset, int64_t n, const uint8_t *const *buffers, int32_t *out,
+                     int32_t first, int32_t missing, int32_t unknown) {
+    uint64_t mask = (uint64_t)n_slots - 1;
+    for (int64_t i = 0; i < n; i++) {
+        if (validity != NULL) {
+            int64_t bit = validity_offset + i;
+            if (!((validity[bit >> 3] >> (bit & 7)) & 1)) {
+                out[i] = missing;
+                continue;
+            }
+        }
+        const uint64_t *v = views + 2 * i;
+        uint64_t j = hash_view(v, buffers) & mask;
+        int32_t code = unknown;
+        for (;;) {
+            int32_t t = slots[j];
+            if (t == -1) break;
+            if (same_value(v, buffers, table_views + 2 * (int64_t)t, table_buffers)) {
+                code = first + t;
+                break;
+            }
+            j = (j + 1) & mask;
+        }
+        out[i] = code;
+    }
+}
+
+/* Per line of a block: start offset, end offset (its newline or the block's end) and number of
+ * separator-delimited fields. The caller sizes the outputs to the block's newlines + 1. */
+void ctr_line_spans(const uint8_t *data, int64_t n, uint8_t separator, int64_t *starts, int64_t *ends,
+                    int64_t *fields) {
+    int64_t line = 0, count = 1;
+    starts[0] = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint8_t c = data[i];
+        if (c == separator) {
+            count++;
+        } else if (c == '\n') {
+            ends[line] = i;
+            fields[line] = count;
+            line++;
+            starts[line] = i + 1;
+            count = 1;
+        }
+    }
+    ends[line] = n;
+    fields[line] = count;
+}

@@ -25,6 +25,7 @@ from pathlib import Path
 import polars as pl
 import pyarrow as pa
 
+from ctr_ad import native
 from ctr_ad.errors import UserError
 from ctr_ad.ingest.executor import ordered_map
 
@@ -111,7 +112,15 @@ class CategoryCounter:
         """Per field, ``(value, count)`` of the block's non-null values (rows in no set order).
 
         One group-by query per field, all collected together so polars runs them side by side
-        (a third of the time of one ``value_counts`` after another)."""
+        (a third of the time of one ``value_counts`` after another). With the compiled kernels
+        (:mod:`ctr_ad.native`), one hash-count pass per column instead: the values come out in
+        order of first occurrence."""
+        if native.available():
+            counted = {}
+            for f in fields:
+                values, counts = native.count_values(frame.get_column(f).cast(pl.Utf8))
+                counted[f] = pl.DataFrame([values.alias("value"), pl.Series("count", counts, dtype=pl.Int64)])
+            return counted
         lazy = frame.lazy()
         queries = [lazy.select(pl.col(f).alias("value")).drop_nulls().group_by("value")
                    .agg(pl.len().cast(pl.Int64).alias("count")) for f in fields]

@@ -144,3 +144,13 @@ def test_ingest_with_and_without_kernels_gives_the_same_dataset(tmp_path):
     assert fast["rows"]["quarantined"] == len(bad)
     assert fast["fingerprint"] == slow["fingerprint"]
     assert fast["quarantine_sha256"] == slow["quarantine_sha256"]
+
+
+@needs_kernels
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.one_of(texts, st.none()), max_size=200))
+def test_count_values_equals_a_counter(values):
+    distinct, counts = native.count_values(pl.Series("f", values, dtype=pl.Utf8))
+    seen = [v for v in dict.fromkeys(values) if v is not None]  # first-occurrence order
+    assert distinct.to_list() == seen
+    assert counts.tolist() == [values.count(v) for v in seen]

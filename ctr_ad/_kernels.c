@@ -134,37 +134,146 @@ void ctr_line_spans(const uint8_t *data, int64_t n, uint8_t separator, int64_t *
     }
 }
 
-/* Distinct non-null values of n values and how often each occurs: the k-th distinct value first
- * occurs at row first[k] and occurs counts[k] times. slots (n_slots, a power of two above n) is
- * scratch space. Returns the number of distinct values. */
-int64_t ctr_count_values(const uint64_t *views, const uint8_t *validity, int64_t validity_offset, int64_t n,
-                         const uint8_t *const *buffers, int32_t *slots, int64_t n_slots, int32_t *first,
-                         int64_t *counts) {
+/* Dictionary-encodes n values: the k-th distinct non-null value first occurs at row first[k],
+ * codes[i] is row i's k (-1 for a null), and counts[k] counts its occurrences among the rows whose
+ * counted flag is set (all rows when counted is NULL), so one pass both encodes a block and counts
+ * its training rows. slots (n_slots, a power of two above n) is scratch space. Returns the number
+ * of distinct values. */
+int64_t ctr_encode_values(const uint64_t *views, const uint8_t *validity, int64_t validity_offset, int64_t n,
+                          const uint8_t *const *buffers, const uint8_t *counted, int32_t *slots, int64_t n_slots,
+                          int32_t *first, int64_t *counts, int32_t *codes) {
     uint64_t mask = (uint64_t)n_slots - 1;
     int64_t distinct = 0;
     for (int64_t s = 0; s < n_slots; s++) slots[s] = -1;
     for (int64_t i = 0; i < n; i++) {
         if (validity != NULL) {
             int64_t bit = validity_offset + i;
-            if (!((validity[bit >> 3] >> (bit & 7)) & 1)) continue;
+            if (!((validity[bit >> 3] >> (bit & 7)) & 1)) {
+                codes[i] = -1;
+                continue;
+            }
         }
         const uint64_t *v = views + 2 * i;
         uint64_t j = hash_view(v, buffers) & mask;
+        int32_t k;
         for (;;) {
-            int32_t k = slots[j];
+            k = slots[j];
             if (k == -1) {
-                slots[j] = (int32_t)distinct;
-                first[distinct] = (int32_t)i;
-                counts[distinct] = 1;
-                distinct++;
+                k = (int32_t)distinct++;
+                slots[j] = k;
+                first[k] = (int32_t)i;
+                counts[k] = 0;
                 break;
             }
-            if (same_value(v, buffers, views + 2 * (int64_t)first[k], buffers)) {
-                counts[k]++;
-                break;
-            }
+            if (same_value(v, buffers, views + 2 * (int64_t)first[k], buffers)) break;
             j = (j + 1) & mask;
         }
+        codes[i] = k;
+        if (counted == NULL || counted[i]) counts[k]++;
     }
     return distinct;
+}
+
+/* The view of the len bytes at f; limit is the end of the block (no load reads past it). */
+static inline void put_view(uint64_t *v, const uint8_t *f, int64_t len, int64_t offset, const uint8_t *limit) {
+    uint64_t w0 = (uint64_t)(uint32_t)len, w1;
+    if (len > 12) {
+        uint32_t prefix;
+        memcpy(&prefix, f, 4);
+        w0 |= (uint64_t)prefix << 32;
+        w1 = (uint64_t)(uint32_t)offset << 32; /* data buffer 0 */
+    } else if (f + 12 <= limit) { /* two overlapping loads, masked to the value */
+        uint64_t a, b;
+        memcpy(&a, f, 8);
+        memcpy(&b, f + 4, 8);
+        if (len < 4) {
+            w0 |= (a & ((1ULL << (8 * len)) - 1)) << 32;
+            w1 = 0;
+        } else {
+            w0 |= a << 32;
+            w1 = len == 12 ? b : b & ((1ULL << (8 * (len - 4))) - 1);
+        }
+    } else { /* the last bytes of the block */
+        uint8_t bytes[12] = {0};
+        memcpy(bytes, f, (size_t)len);
+        uint32_t first4;
+        memcpy(&first4, bytes, 4);
+        memcpy(&w1, bytes + 4, 8);
+        w0 |= (uint64_t)first4 << 32;
+    }
+    v[0] = w0;
+    v[1] = w1;
+}
+
+/* Splits a block of ASCII lines into n_cols string-view columns, as polars' CSV reader does with
+ * every field read as text, no quoting and ragged lines allowed: an empty field is null, fields past
+ * n_cols are ignored, a short line's missing fields are null. Column c's views go to
+ * views[c * n_lines * 2 ...], its validity bits to validity[c * validity_stride ...] (zeroed by the
+ * caller), its null count to nulls[c] and the bytes of its values over 12 bytes to long_bytes[c];
+ * each line's number of fields goes to fields. Long values point into the block itself (data
+ * buffer 0) until ctr_compact_views moves them. Returns the number of lines, or -1 when the block
+ * holds a byte over 127 or an empty line: the caller then keeps the general path. */
+int64_t ctr_split_fields(const uint8_t *data, int64_t n, uint8_t separator, int64_t n_cols, int64_t n_lines,
+                         uint64_t *views, uint8_t *validity, int64_t validity_stride, int64_t *nulls,
+                         int64_t *long_bytes, int64_t *fields) {
+    uint8_t high = 0;
+    for (int64_t i = 0; i < n; i++) high |= data[i]; /* vectorized: any byte over 127? */
+    if (high & 0x80) return -1;
+    const uint8_t *limit = data + n;
+    for (int64_t c = 0; c < n_cols; c++) nulls[c] = long_bytes[c] = 0;
+    int64_t line = 0;
+    const uint8_t *p = data;
+    for (;;) {
+        if (line >= n_lines) return -1; /* more lines than the caller counted: cannot happen */
+        const uint8_t *nl = memchr(p, '\n', (size_t)(limit - p));
+        const uint8_t *e = nl != NULL ? nl : limit;
+        if (e == p) return -1;
+        int64_t col = 0;
+        for (;;) {
+            const uint8_t *f = p;
+            while (p < e && *p != separator) p++;
+            if (col < n_cols) {
+                uint64_t *v = views + 2 * (col * n_lines + line);
+                int64_t len = p - f;
+                if (len == 0) {
+                    v[0] = 0;
+                    v[1] = 0;
+                    nulls[col]++;
+                } else {
+                    put_view(v, f, len, f - data, limit);
+                    if (len > 12) long_bytes[col] += len;
+                    validity[col * validity_stride + (line >> 3)] |= (uint8_t)(1u << (line & 7));
+                }
+            }
+            col++;
+            if (p >= e) break;
+            p++; /* the separator */
+        }
+        fields[line] = col;
+        for (; col < n_cols; col++) { /* a short line: its missing fields are null */
+            uint64_t *v = views + 2 * (col * n_lines + line);
+            v[0] = 0;
+            v[1] = 0;
+            nulls[col]++;
+        }
+        line++;
+        if (nl == NULL) break;
+        p = e + 1;
+    }
+    return line;
+}
+
+/* Copies the long values of n views, which point into data, to out (their total size) and points
+ * the views there: a column then holds its own values, not the whole block (which an Arrow writer
+ * would otherwise copy once per column). */
+void ctr_compact_views(uint64_t *views, int64_t n, const uint8_t *data, uint8_t *out) {
+    uint64_t at = 0;
+    for (int64_t i = 0; i < n; i++) {
+        uint64_t *v = views + 2 * i;
+        uint32_t len = (uint32_t)(v[0] & 0xFFFFFFFFULL);
+        if (len <= 12) continue;
+        memcpy(out + at, data + (uint32_t)(v[1] >> 32), len);
+        v[1] = at << 32; /* data buffer 0 of the column */
+        at += len;
+    }
 }

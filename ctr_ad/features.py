@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from itertools import repeat
 from pathlib import Path
 from typing import Any
@@ -351,6 +351,12 @@ class FeatureProcessor:
             return index.codes(values.alias(f), RESERVED, MISSING_INDEX, OOV_INDEX)
         return self._joined_codes(f, values)
 
+    def _dictionary_codes(self, f: str, codes: np.ndarray, distinct: pl.Series) -> pl.Series:
+        """:meth:`_codes` of a dictionary-encoded column: ``distinct[codes]`` (-1 = missing)."""
+        looked_up = self._codes(f, distinct.cast(pl.Utf8)).to_numpy()
+        index = np.append(looked_up, np.int32(MISSING_INDEX))  # code -1 picks the last: missing
+        return pl.Series(f, index[codes], dtype=pl.Int32)
+
     def _joined_codes(self, f: str, values: pl.Series) -> pl.Series:
         """:meth:`_codes` without the compiled kernels.
 
@@ -373,18 +379,25 @@ class FeatureProcessor:
             .alias(f)
         ).to_series()
 
-    def transform(self, raw: pl.DataFrame) -> pl.DataFrame:
+    def transform(self, raw: pl.DataFrame,
+                  encoded: Mapping[str, tuple[np.ndarray, pl.Series]] | None = None) -> pl.DataFrame:
         """Raw validated frame (see ``ctr_ad.ingest.reader``) -> model-ready columns.
 
         Output: ``label`` (Float32, when the input has one), one Int32 index column per categorical
-        field, then Float32 dense columns and their ``__missing`` indicators.
+        field, then Float32 dense columns and their ``__missing`` indicators. ``encoded`` gives
+        categorical fields dictionary-encoded instead, as ``(codes, distinct values)`` (code -1 =
+        missing; ingest's spills keep them so): each distinct value is looked up once.
         """
-        if raw.height <= SMALL_BATCH_ROWS:
+        if raw.height <= SMALL_BATCH_ROWS and not encoded:
             return self._transform_small(raw)
+        encoded = encoded or {}
         cols: list[pl.Series] = []
         if "label" in raw.columns:
             cols.append(raw.get_column("label").cast(pl.Float32))
         for f in self.categorical:
+            if f in encoded:
+                cols.append(self._dictionary_codes(f, *encoded[f]))
+                continue
             values = raw.get_column(f).cast(pl.Utf8) if f in raw.columns else pl.Series(f, [None] * raw.height, pl.Utf8)
             cols.append(self._codes(f, values))
         out = pl.DataFrame(cols) if cols else pl.DataFrame()

@@ -118,7 +118,7 @@ class CategoryCounter:
         if native.available():
             counted = {}
             for f in fields:
-                values, counts = native.count_values(frame.get_column(f).cast(pl.Utf8))
+                values, counts, _ = native.encode_values(frame.get_column(f).cast(pl.Utf8))
                 counted[f] = pl.DataFrame([values.alias("value"), pl.Series("count", counts, dtype=pl.Int64)])
             return counted
         lazy = frame.lazy()

@@ -148,9 +148,14 @@ def test_ingest_with_and_without_kernels_gives_the_same_dataset(tmp_path):
 
 @needs_kernels
 @settings(max_examples=200, deadline=None)
-@given(values=st.lists(st.one_of(texts, st.none()), max_size=200))
-def test_count_values_equals_a_counter(values):
-    distinct, counts = native.count_values(pl.Series("f", values, dtype=pl.Utf8))
+@given(values=st.lists(st.one_of(texts, st.none()), max_size=200), data=st.data())
+def test_encode_values_equals_a_counter(values, data):
+    counted = data.draw(st.one_of(st.none(), st.lists(st.booleans(), min_size=len(values), max_size=len(values))))
+    distinct, counts, codes = native.encode_values(pl.Series("f", values, dtype=pl.Utf8),
+                                                   None if counted is None else np.array(counted))
     seen = [v for v in dict.fromkeys(values) if v is not None]  # first-occurrence order
     assert distinct.to_list() == seen
-    assert counts.tolist() == [values.count(v) for v in seen]
+    flags = counted if counted is not None else [True] * len(values)
+    assert counts.tolist() == [sum(1 for x, c in zip(values, flags, strict=True) if c and x == v) for v in seen]
+    assert codes.dtype == np.int32
+    assert codes.tolist() == [-1 if v is None else seen.index(v) for v in values]

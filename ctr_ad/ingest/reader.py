@@ -399,16 +399,23 @@ def _parse_fast(layout: Layout, first_line: int, block: bytes) -> RawBlock | Non
     """polars' CSV reader over the whole block; None when the block needs the careful path."""
     if b"\r" in block:
         return None
-    starts, ends, n_fields = line_spans(block, layout.separator)
-    n_lines = len(starts)
-    try:
-        fields = pl.read_csv(block, separator=layout.separator, truncate_ragged_lines=True,
-                             new_columns=list(layout.names), has_header=False, infer_schema=False,
-                             quote_char=None)
-    except (pl.exceptions.PolarsError, UnicodeDecodeError):
-        return None  # e.g. undecodable bytes
-    if fields.height != n_lines or fields.width != len(layout.names):
-        return None  # e.g. blank lines, which the CSV reader skips
+    split = native.split_fields(block, layout.separator, list(layout.names)) if native.available() else None
+    if split is not None:  # the compiled split: the same columns, and the field counts with them
+        fields, n_fields = split
+        n_lines = fields.height
+        spans: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # only a bad line needs them
+    else:
+        spans = [line_spans(block, layout.separator)]
+        n_fields = spans[0][2]
+        n_lines = len(n_fields)
+        try:
+            fields = pl.read_csv(block, separator=layout.separator, truncate_ragged_lines=True,
+                                 new_columns=list(layout.names), has_header=False, infer_schema=False,
+                                 quote_char=None)
+        except (pl.exceptions.PolarsError, UnicodeDecodeError):
+            return None  # e.g. undecodable bytes
+        if fields.height != n_lines or fields.width != len(layout.names):
+            return None  # e.g. blank lines, which the CSV reader skips
     df = fields.with_columns(
         _line=pl.int_range(first_line, first_line + n_lines, dtype=pl.Int64),
         _idx=pl.int_range(0, n_lines, dtype=pl.Int64),
@@ -419,6 +426,9 @@ def _parse_fast(layout: Layout, first_line: int, block: bytes) -> RawBlock | Non
         df = df.slice(1)  # the header line
 
     def raw_line(i: int) -> str:
+        if not spans:
+            spans.append(line_spans(block, layout.separator))
+        starts, ends, _ = spans[0]
         return block[starts[i] : ends[i]].decode("utf-8", "backslashreplace")
 
     return _finish(layout, df, raw_line)

@@ -47,11 +47,12 @@ from typing import Any
 import numpy as np
 import polars as pl
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from ctr_ad import __version__
+from ctr_ad import __version__, native
 from ctr_ad.errors import UserError
-from ctr_ad.features import FeatureProcessor
+from ctr_ad.features import DenseStats, FeatureProcessor
 from ctr_ad.files import atomic_write_text, replace_dir, utc_timestamp
 from ctr_ad.hashing import sha256_file
 from ctr_ad.ingest.executor import check_engine, open_executor, ordered_map
@@ -153,12 +154,47 @@ def _parse_count_spill(task: BlockTask, plan: SplitPlan, categorical: list[str],
     times = frame.get_column("_time").to_numpy() if plan.mode == "time" else None
     codes = plan.codes(positions, task.file_index, times)
     frame = frame.with_columns(_split=pl.Series(codes, dtype=pl.Int8))
-    train = frame.filter(pl.col("_split") == 0) if (codes != 0).any() else frame
-    statistics = FeatureProcessor.fit_statistics(train, categorical, dense, transform)
     # Pass 2 needs the split, the label and the features: not the line numbers nor the times.
-    _write_spill(frame.drop(["_line", "_time"], strict=False), task.spill)
+    kept = frame.drop(["_line", "_time"], strict=False)
+    if native.available():
+        statistics = _encode_count_spill(kept, codes, categorical, dense, transform, task.spill)
+    else:
+        train = frame.filter(pl.col("_split") == 0) if (codes != 0).any() else frame
+        statistics = FeatureProcessor.fit_statistics(train, categorical, dense, transform)
+        _write_spill(kept, task.spill)
     per_split = np.bincount(codes, minlength=len(SPLITS)).tolist()
     return frame.height, per_split, parsed.lines_read, parsed.quarantine, statistics
+
+
+def _encode_count_spill(frame: pl.DataFrame, splits: np.ndarray, categorical: list[str], dense: list[str],
+                        transform: str, path: str) -> tuple:
+    """Pass 1's statistics and spill with the compiled kernels: one pass per categorical field both
+    counts its training values and dictionary-encodes it, and the spill keeps the dictionary codes
+    (int32) and the block's distinct values instead of a 16-byte view per value. Per 2M Criteo rows
+    the spill writes in about half the CPU and is a fifth smaller, and pass 2 looks up each block's
+    distinct values instead of every value."""
+    train = splits == 0
+    counted = None if train.all() else train
+    counts: dict[str, pl.DataFrame] = {}
+    columns: dict[str, pa.Array] = {}
+    for f in categorical:
+        distinct, n, codes = native.encode_values(frame.get_column(f).cast(pl.Utf8), counted)
+        seen = n > 0
+        counts[f] = pl.DataFrame([distinct.filter(pl.Series(seen)).alias("value"),
+                                  pl.Series("count", n[seen], dtype=pl.Int64)])
+        indices = pa.array(codes, type=pa.int32(), mask=codes < 0)
+        columns[f] = pa.DictionaryArray.from_arrays(indices, distinct.to_arrow(compat_level=pl.CompatLevel.newest()))
+    rest = frame.drop(categorical)
+    moments = DenseStats(dense, transform).block_stats(rest if counted is None else rest.filter(pl.Series(train)))
+    table = rest.to_arrow(compat_level=pl.CompatLevel.newest())
+    for f, column in columns.items():
+        table = table.append_column(f, column)
+    with pa.ipc.new_file(path, table.schema, options=_SPILL_OPTIONS) as writer:
+        writer.write_table(table)
+    return counts, moments
+
+
+_SPILL_OPTIONS = pa.ipc.IpcWriteOptions(compression=SPILL_COMPRESSION)
 
 
 def _write_spill(frame: pl.DataFrame, path: str) -> None:
@@ -174,14 +210,24 @@ def _write_spill(frame: pl.DataFrame, path: str) -> None:
     frame.write_ipc(path, compression=SPILL_COMPRESSION, compat_level=pl.CompatLevel.newest())
 
 
-def _read_spill(path: str) -> pl.DataFrame:
+def _read_spill(path: str) -> tuple[pl.DataFrame, dict[str, tuple[np.ndarray, pl.Series]]]:
     """A spill back as a frame, read by pyarrow (C LZ4, buffers handed to polars without a copy):
     half the CPU of polars' ``read_ipc`` on the same file (1.1 against 2.2 CPU-s per 2M Criteo rows),
-    the same frame."""
+    the same frame. Dictionary-encoded columns (:func:`_encode_count_spill`) come back apart, as
+    ``{field: (codes, distinct values)}`` (code -1 = null), for :meth:`FeatureProcessor.transform`."""
     with pa.ipc.open_file(path) as reader:
-        frame = pl.from_arrow(reader.read_all())
+        table = reader.read_all()
+    encoded: dict[str, tuple[np.ndarray, pl.Series]] = {}
+    for name, kind in zip(table.column_names, table.schema.types, strict=True):
+        if pa.types.is_dictionary(kind):
+            column = table.column(name).combine_chunks()
+            codes = pc.fill_null(column.indices, -1).to_numpy(zero_copy_only=False)
+            encoded[name] = (codes, pl.Series(name, column.dictionary))
+    if encoded:
+        table = table.drop_columns(list(encoded))
+    frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)
-    return frame
+    return frame, encoded
 
 
 @functools.lru_cache(maxsize=2)
@@ -193,10 +239,10 @@ def _load_features(path: str) -> FeatureProcessor:
 def _transform_block(spill: str, features_path: str) -> list[pl.DataFrame]:
     """Pass 2 on one block: model-ready columns, cut by split."""
     fp = _load_features(features_path)
-    frame = _read_spill(spill)
+    frame, encoded = _read_spill(spill)
     os.unlink(spill)  # read once: free its disk space as the pass goes
     codes = frame.get_column("_split")
-    model = fp.transform(frame)
+    model = fp.transform(frame, encoded=encoded)
     if codes.n_unique() == 1:  # a whole block in one split (sequential/files): no filtering copies
         only = int(codes[0]) if len(codes) else 0
         return [model if i == only else model.clear() for i in range(len(SPLITS))]

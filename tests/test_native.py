@@ -159,3 +159,72 @@ def test_encode_values_equals_a_counter(values, data):
     assert counts.tolist() == [sum(1 for x, c in zip(values, flags, strict=True) if c and x == v) for v in seen]
     assert codes.dtype == np.int32
     assert codes.tolist() == [-1 if v is None else seen.index(v) for v in values]
+
+
+# Lines of fields: empty, short, exactly 12 bytes, long (copied out of the block), at the block's end.
+field_text = st.one_of(st.just(""), st.text(alphabet="abcXYZ019 _-.", min_size=1, max_size=4),
+                       st.text(alphabet="abc", min_size=12, max_size=12),
+                       st.text(alphabet="xyz", min_size=13, max_size=30))
+
+
+@needs_kernels
+@settings(max_examples=300, deadline=None)
+@given(rows=st.lists(st.lists(field_text, min_size=1, max_size=7), min_size=1, max_size=30),
+       separator=st.sampled_from(["\t", ","]), n_names=st.integers(1, 6))
+def test_split_fields_equals_the_csv_reader(rows, separator, n_names):
+    block = "\n".join(separator.join(row) for row in rows).encode()
+    names = [f"f{i}" for i in range(n_names)]
+    split = native.split_fields(block, separator, names)
+    if any(len(row) == 1 and row[0] == "" for row in rows):  # an empty line: the general path's case
+        assert split is None
+        return
+    assert split is not None
+    frame, fields = split
+    # The reader's rules: fields past the names ignored, missing ones null, an empty field null.
+    padded = [(row + [""] * n_names)[:n_names] for row in rows]
+    assert frame.rows() == [tuple(v or None for v in row) for row in padded]
+    assert fields.tolist() == [len(row) for row in rows]
+    try:  # and polars' CSV reader agrees (it refuses a block whose first line has another field count;
+        # ingest then reads it line by line, with the rules above)
+        want = pl.read_csv(block, separator=separator, truncate_ragged_lines=True, new_columns=names,
+                           has_header=False, infer_schema=False, quote_char=None)
+    except pl.exceptions.PolarsError as exc:
+        assert len(rows[0]) != n_names, exc
+    else:
+        assert frame.equals(want)
+    # A long value lives in its column's own buffer, not in the whole block.
+    for name in names:
+        data = frame.get_column(name).to_arrow(compat_level=pl.CompatLevel.newest()).buffers()[2:]
+        assert sum(b.size for b in data if b is not None) <= len(block)
+
+
+@needs_kernels
+def test_split_fields_leaves_non_ascii_and_empty_names_to_the_caller():
+    assert native.split_fields("caf\u00e9\t1".encode(), "\t", ["a", "b"]) is None
+    frame, _ = native.split_fields(b"x\ty", "\t", ["", "b"])
+    assert frame.columns == ["", "b"] and frame.row(0) == ("x", "y")
+
+
+@needs_kernels
+def test_ingest_of_long_and_non_ascii_values_with_and_without_kernels(tmp_path):
+    """Small blocks, some of them non-ASCII (read by polars) and some with values over 12 bytes."""
+    lines = (CRITEO / "train.tsv").read_text().split("\n")[:3000]
+    for i in range(0, 3000, 7):
+        fields = lines[i].split("\t")
+        fields[16] = f"a-long-category-value-{i % 50}"  # C3
+        if i % 700 == 0:
+            fields[20] = "caf\u00e9"  # C7
+        lines[i] = "\t".join(fields)
+    source = tmp_path / "long.tsv"
+    source.write_text("\n".join(lines))
+    fast = run_ingest([source], "criteo", tmp_path / "fast", quiet=True, block_bytes=64 * 1024)
+    env = {**os.environ, native.DISABLE_ENV: "1"}
+    script = ("import sys, json; from pathlib import Path; from ctr_ad.ingest.run import run_ingest;"
+              "m = run_ingest([Path(sys.argv[2])], 'criteo', Path(sys.argv[1]), quiet=True, block_bytes=64 * 1024);"
+              "print(json.dumps(m))")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "slow"), str(source)], env=env,
+                          capture_output=True, text=True, timeout=300, check=True)
+    slow = json.loads(done.stdout.strip().splitlines()[-1])
+    assert fast["fingerprint"] == slow["fingerprint"]
+    vocab = json.loads((tmp_path / "fast" / "features.json").read_text())["vocab"]
+    assert "a-long-category-value-7" in vocab["C3"] and "caf\u00e9" in vocab["C7"]

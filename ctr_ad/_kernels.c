@@ -9,6 +9,12 @@
 #include <stdint.h>
 #include <string.h>
 
+/* The view masks and the 8-byte loads read little-endian words; elsewhere the build fails, which the
+ * install treats as "no kernels" (the extension is optional) and ingest keeps its polars path. */
+#if !defined(__BYTE_ORDER__) || __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "ctr_ad/_kernels.c assumes a little-endian machine"
+#endif
+
 static inline uint64_t mix(uint64_t z) {
     /* splitmix64's finalizer: every input bit reaches every output bit */
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;

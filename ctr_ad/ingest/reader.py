@@ -264,7 +264,7 @@ def _blank_long_lines(
 
 def line_spans(block: bytes, separator: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Per line of ``block``: start offset, end offset and number of fields (no decoding): one
-    compiled pass over the bytes (:mod:`ctr_ad.native`), else numpy (3 x the CPU)."""
+    compiled pass over the bytes (:mod:`ctr_ad.native`), else numpy (2 x the CPU)."""
     if native.available():
         return native.line_spans(block, separator)
     return line_spans_numpy(block, separator)
@@ -396,7 +396,8 @@ def _finish(layout: Layout, df: pl.DataFrame, raw_line: Callable[[int], str]) ->
 
 
 def _parse_fast(layout: Layout, first_line: int, block: bytes) -> RawBlock | None:
-    """polars' CSV reader over the whole block; None when the block needs the careful path."""
+    """The compiled field split (an ASCII block) or polars' CSV reader over the whole block; None when
+    the block needs the careful path."""
     if b"\r" in block:
         return None
     split = native.split_fields(block, layout.separator, list(layout.names)) if native.available() else None

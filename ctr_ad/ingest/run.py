@@ -6,7 +6,8 @@ Two passes over bounded blocks of lines, so memory does not grow with the input:
    hash of the position; files: one file per split; days: every file but the last is train, the
    last one's halves are test and valid), count the categorical values and dense moments
    of its training rows (``FeatureProcessor.partial_fit``), and spill the typed block to a temporary
-   Arrow file;
+   Arrow file (with the compiled kernels of :mod:`ctr_ad.native`, its categorical fields
+   dictionary-encoded by the same pass that counts them);
 2. transform every spilled block with the fitted feature processor and append it to its split file.
 A sequential split needs the number of data lines first: a quick pre-pass counts newlines.
 Pass 1 goes file by file; with ``resume`` each finished file is checkpointed beside ``out`` so that a
@@ -18,7 +19,8 @@ Publishing is all or nothing: everything is written to a hidden staging director
 (``.<name>.ingest-tmp-<pid>``, spills included), ``manifest.json`` last, and the staging directory then
 replaces ``out`` as a whole. A failed or killed run leaves an existing ``out`` untouched; its staging
 directory is removed on exit, after ``kill -9`` by a janitor process, and by the next run on start.
-Disk needed: the spills (LZ4-compressed Arrow) take about 0.6-0.7x the uncompressed input, plus the
+Disk needed: the spills (LZ4-compressed Arrow) take about 0.6x the uncompressed input (0.59x measured
+on the Criteo 1TB profile, 0.7x without the compiled kernels), plus the
 new outputs, while the old dataset stays in place until the swap.
 """
 
@@ -171,8 +173,8 @@ def _encode_count_spill(frame: pl.DataFrame, splits: np.ndarray, categorical: li
     """Pass 1's statistics and spill with the compiled kernels: one pass per categorical field both
     counts its training values and dictionary-encodes it, and the spill keeps the dictionary codes
     (int32) and the block's distinct values instead of a 16-byte view per value. Per 2M Criteo rows
-    the spill writes in about half the CPU and is a fifth smaller, and pass 2 looks up each block's
-    distinct values instead of every value."""
+    the spill writes in about half the CPU and is a sixth smaller (0.59 against 0.70 x the input),
+    and pass 2 looks up each block's distinct values instead of every value."""
     train = splits == 0
     counted = None if train.all() else train
     counts: dict[str, pl.DataFrame] = {}

@@ -42,6 +42,13 @@ elif [ -d .whl ] && [ -z "${NO_WHEELS:-}" ]; then
 else
   export PYTHONPATH=$PWD
 fi
+# The repository is imported, not installed: build the ingest's compiled loops the way the install
+# would, when there is a compiler (without them ingest takes its slower polars path, same dataset).
+KERNELS="ctr_ad/_kernels$($PY -c 'import importlib.machinery as m; print(m.EXTENSION_SUFFIXES[0])')"
+if [ ! -f "$KERNELS" ] && command -v gcc >/dev/null 2>&1; then
+  gcc -O3 -shared -fPIC -o "$KERNELS" ctr_ad/_kernels.c || echo "could not compile $KERNELS: polars path"
+fi
+echo "compiled ingest kernels: $($PY -c 'from ctr_ad import native; print(native.available())')"
 CTR="$PY -m ctr_ad.cli"
 step() { echo; echo "=== $* ($(date +%T))"; }
 FAILED=()

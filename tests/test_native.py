@@ -162,7 +162,7 @@ def test_encode_values_equals_a_counter(values, data):
 
 
 # Lines of fields: empty, short, exactly 12 bytes, long (copied out of the block), at the block's end.
-field_text = st.one_of(st.just(""), st.text(alphabet="abcXYZ019 _-.", min_size=1, max_size=4),
+field_text = st.one_of(st.just(""), st.text(alphabet="abcXYZ019 _-.\"#\x00\x7f'", min_size=1, max_size=4),
                        st.text(alphabet="abc", min_size=12, max_size=12),
                        st.text(alphabet="xyz", min_size=13, max_size=30))
 

@@ -408,6 +408,8 @@ def main(argv: list[str] | None = None) -> int:
     # --skip-memory quotes the stored section, read when the results are written (below), so a
     # --memory-only run going on beside this one is not overwritten by an older copy.
     memory = None if args.skip_memory else bounded_memory(args, work)
+    if args.skip_memory:
+        stored_memory(args)  # fail now, not after the runs, when there is nothing to quote
     if args.memory_only:
         return 0
     small, large = args.rows_flat

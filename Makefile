@@ -71,4 +71,4 @@ bench-serve: venv
 	$(PY) benchmarks/bench_serve.py --backends torch onnxruntime
 
 clean:
-	rm -rf $(VENV) runs out benchmarks/work
+	rm -rf $(VENV) runs out benchmarks/work ctr_ad/_kernels*.so

@@ -12,7 +12,7 @@ ctypes releases the GIL for the call, so an ingest's block threads run the loops
   (one pass gives a block's spill and its training rows' vocabulary counts).
 * :func:`split_fields`: a block of ASCII lines as text columns, what polars' CSV reader gives with
   every field read as text, in one pass that writes the columns' Arrow views (values over 12 bytes
-  copied to their column's own buffer): 0.3 of the CSV reader's CPU on Criteo, and the field counts
+  copied to their column's own buffer): 0.4 of the CSV reader's CPU on Criteo, and the field counts
   come with it.
 * :func:`line_spans`: start, end and field count of every line of a block, in one pass.
 """

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pyarrow as pa
 
@@ -88,6 +89,18 @@ def select_vocab(counts: pl.DataFrame, min_count: int, cap: int | None) -> pl.Da
     return kept.head(cap) if cap is not None else kept
 
 
+def encoded_counts(values: pl.Series, counted: np.ndarray | None = None
+                   ) -> tuple[pl.DataFrame, pl.Series, np.ndarray]:
+    """With the compiled kernels: ``(value, count)`` of a column's values among the ``counted`` rows
+    (None: all; values never counted left out), with the column dictionary-encoded as
+    :func:`ctr_ad.native.encode_values` gives it (distinct values, each row's code)."""
+    distinct, counts, codes = native.encode_values(values.cast(pl.Utf8), counted)
+    seen = counts > 0
+    frame = pl.DataFrame([distinct.filter(pl.Series(seen)).alias("value"),
+                          pl.Series("count", counts[seen], dtype=pl.Int64)])
+    return frame, distinct, codes
+
+
 class CategoryCounter:
     """Exact streaming value counts of the categorical fields.
 
@@ -116,11 +129,7 @@ class CategoryCounter:
         (:mod:`ctr_ad.native`), one hash-count pass per column instead: the values come out in
         order of first occurrence."""
         if native.available():
-            counted = {}
-            for f in fields:
-                values, counts, _ = native.encode_values(frame.get_column(f).cast(pl.Utf8))
-                counted[f] = pl.DataFrame([values.alias("value"), pl.Series("count", counts, dtype=pl.Int64)])
-            return counted
+            return {f: encoded_counts(frame.get_column(f))[0] for f in fields}
         lazy = frame.lazy()
         queries = [lazy.select(pl.col(f).alias("value")).drop_nulls().group_by("value")
                    .agg(pl.len().cast(pl.Int64).alias("count")) for f in fields]

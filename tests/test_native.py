@@ -34,6 +34,19 @@ def test_kernels_are_built_in_ci():
     assert native.available(), "ctr_ad/_kernels.c was not compiled by the install"
 
 
+def ingest_without_kernels(inputs: list[Path], out: Path, **options) -> dict:
+    """The manifest of a Criteo ingest in a process that runs with ``CTR_AD_NO_KERNELS=1``."""
+    script = ("import sys, json; from pathlib import Path; from ctr_ad import native;"
+              "assert not native.available(); from ctr_ad.ingest.run import run_ingest;"
+              "inputs, out, options = json.loads(sys.argv[1]);"
+              "m = run_ingest([Path(p) for p in inputs], 'criteo', Path(out), quiet=True, **options);"
+              "print(json.dumps(m))")
+    done = subprocess.run([sys.executable, "-c", script, json.dumps([list(map(str, inputs)), str(out), options])],
+                          env={**os.environ, native.DISABLE_ENV: "1"}, capture_output=True, text=True, timeout=300,
+                          check=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
 def expected(vocab: list[str], values: list[str | None]) -> list[int]:
     table = {v: i + FIRST for i, v in enumerate(vocab)}
     return [MISSING if v is None else table.get(v, UNKNOWN) for v in values]
@@ -133,14 +146,7 @@ def test_ingest_with_and_without_kernels_gives_the_same_dataset(tmp_path):
     source.write_bytes(mixed)
     inputs = [source, CRITEO / "dev.tsv", CRITEO / "test.tsv"]
     fast = run_ingest(inputs, "criteo", tmp_path / "fast", quiet=True, split="files")
-    env = {**os.environ, native.DISABLE_ENV: "1"}
-    script = ("import sys, json; from pathlib import Path; from ctr_ad import native; assert not native.available();"
-              "from ctr_ad.ingest.run import run_ingest;"
-              "m = run_ingest([Path(p) for p in sys.argv[2:]], 'criteo', Path(sys.argv[1]), quiet=True, split='files');"
-              "print(json.dumps(m))")
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "slow"), *map(str, inputs)], env=env,
-                          capture_output=True, text=True, timeout=300, check=True)
-    slow = json.loads(done.stdout.strip().splitlines()[-1])
+    slow = ingest_without_kernels(inputs, tmp_path / "slow", split="files")
     assert fast["rows"]["quarantined"] == len(bad)
     assert fast["fingerprint"] == slow["fingerprint"]
     assert fast["quarantine_sha256"] == slow["quarantine_sha256"]
@@ -218,13 +224,7 @@ def test_ingest_of_long_and_non_ascii_values_with_and_without_kernels(tmp_path):
     source = tmp_path / "long.tsv"
     source.write_text("\n".join(lines))
     fast = run_ingest([source], "criteo", tmp_path / "fast", quiet=True, block_bytes=64 * 1024)
-    env = {**os.environ, native.DISABLE_ENV: "1"}
-    script = ("import sys, json; from pathlib import Path; from ctr_ad.ingest.run import run_ingest;"
-              "m = run_ingest([Path(sys.argv[2])], 'criteo', Path(sys.argv[1]), quiet=True, block_bytes=64 * 1024);"
-              "print(json.dumps(m))")
-    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "slow"), str(source)], env=env,
-                          capture_output=True, text=True, timeout=300, check=True)
-    slow = json.loads(done.stdout.strip().splitlines()[-1])
+    slow = ingest_without_kernels([source], tmp_path / "slow", block_bytes=64 * 1024)
     assert fast["fingerprint"] == slow["fingerprint"]
     vocab = json.loads((tmp_path / "fast" / "features.json").read_text())["vocab"]
     assert "a-long-category-value-7" in vocab["C3"] and "caf\u00e9" in vocab["C7"]

@@ -11,6 +11,7 @@ fields as Float64 (null = missing) and categorical fields as Utf8 (null = missin
 
 from __future__ import annotations
 
+import functools
 import gzip
 import zlib
 from collections.abc import Callable, Iterator
@@ -400,14 +401,15 @@ def _parse_fast(layout: Layout, first_line: int, block: bytes) -> RawBlock | Non
     the block needs the careful path."""
     if b"\r" in block:
         return None
+    # Line spans: the CSV reader's path needs their field counts; the compiled split gives the same
+    # columns with the field counts, so there they are computed only if a bad line needs its text.
+    spans = functools.cache(lambda: line_spans(block, layout.separator))
     split = native.split_fields(block, layout.separator, list(layout.names)) if native.available() else None
-    if split is not None:  # the compiled split: the same columns, and the field counts with them
+    if split is not None:
         fields, n_fields = split
         n_lines = fields.height
-        spans: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # only a bad line needs them
     else:
-        spans = [line_spans(block, layout.separator)]
-        n_fields = spans[0][2]
+        n_fields = spans()[2]
         n_lines = len(n_fields)
         try:
             fields = pl.read_csv(block, separator=layout.separator, truncate_ragged_lines=True,
@@ -427,9 +429,7 @@ def _parse_fast(layout: Layout, first_line: int, block: bytes) -> RawBlock | Non
         df = df.slice(1)  # the header line
 
     def raw_line(i: int) -> str:
-        if not spans:
-            spans.append(line_spans(block, layout.separator))
-        starts, ends, _ = spans[0]
+        starts, ends, _ = spans()
         return block[starts[i] : ends[i]].decode("utf-8", "backslashreplace")
 
     return _finish(layout, df, raw_line)

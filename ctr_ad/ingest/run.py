@@ -74,7 +74,7 @@ from ctr_ad.ingest.reader import (
 from ctr_ad.ingest.resume import STATISTICS, FileCheckpoints, FileResult, StatisticsLog, run_key
 from ctr_ad.schema import SourceSpec, get_source
 from ctr_ad.table_schema import TableSchema
-from ctr_ad.vocabulary import resolve_max_vocab
+from ctr_ad.vocabulary import encoded_counts, resolve_max_vocab
 
 log = logging.getLogger(__name__)
 
@@ -180,10 +180,7 @@ def _encode_count_spill(frame: pl.DataFrame, splits: np.ndarray, categorical: li
     counts: dict[str, pl.DataFrame] = {}
     columns: dict[str, pa.Array] = {}
     for f in categorical:
-        distinct, n, codes = native.encode_values(frame.get_column(f).cast(pl.Utf8), counted)
-        seen = n > 0
-        counts[f] = pl.DataFrame([distinct.filter(pl.Series(seen)).alias("value"),
-                                  pl.Series("count", n[seen], dtype=pl.Int64)])
+        counts[f], distinct, codes = encoded_counts(frame.get_column(f), counted)
         indices = pa.array(codes, type=pa.int32(), mask=codes < 0)
         columns[f] = pa.DictionaryArray.from_arrays(indices, distinct.to_arrow(compat_level=pl.CompatLevel.newest()))
     rest = frame.drop(categorical)
@@ -208,7 +205,9 @@ def _write_spill(frame: pl.DataFrame, path: str) -> None:
     more CPU to write and read back.
     Named explicitly so that a change of polars' default cannot silently grow the spills. zstd would
     halve the size at 1.5 x the cost. pyarrow's writer would cost 0.8 x the CPU (2.3 -> 1.8 CPU-s per
-    2M Criteo rows) but raised the peak memory of an ingest by 40-60 MiB, so polars writes."""
+    2M Criteo rows) but raised the peak memory of an ingest by 40-60 MiB, so polars writes. (The
+    dictionary-encoded spills of :func:`_encode_count_spill`, whose columns are small, are written by
+    pyarrow.)"""
     frame.write_ipc(path, compression=SPILL_COMPRESSION, compat_level=pl.CompatLevel.newest())
 
 
